@@ -1,0 +1,40 @@
+"""The Prometheus metrics of the service, in one place, on a registry per app instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServiceMetrics:
+    """All metric objects, registered on their own registry so that several apps can coexist."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.request_duration = Histogram(
+            "sentiment_request_duration_seconds", "Time to answer an HTTP request, by route and status.",
+            ["route", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests_in_flight = Gauge(
+            "sentiment_requests_in_flight", "Prediction requests being served now.", registry=r)
+        self.batch_size = Histogram(
+            "sentiment_batch_size", "Texts per batch handed to the model.", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for a batch.", registry=r)
+        self.queue_wait = Histogram(
+            "sentiment_queue_wait_seconds", "Time a text waited in the queue before its batch started.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_duration = Histogram(
+            "sentiment_batch_duration_seconds", "Model time per batch (padding, forward passes, copy-out).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.tokenize_duration = Histogram(
+            "sentiment_tokenize_duration_seconds", "Time to tokenise one request's texts.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.texts = Counter("sentiment_texts", "Texts scored.", registry=r)
+        self.tokens_per_text = Histogram(
+            "sentiment_tokens_per_text", "Tokens per scored text, after truncation.", buckets=TOKEN_BUCKETS, registry=r)
+        self.truncated = Counter("sentiment_truncated_texts", "Texts cut to the token limit.", registry=r)
+        self.errors = Counter("sentiment_errors", "Requests that failed, by kind.", ["kind"], registry=r)
+        self.model_info = Info("sentiment_model", "The loaded model.", registry=r)
+        self.ready = Gauge("sentiment_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)

@@ -1,0 +1,93 @@
+"""HTTP endpoints: thin translations between JSON and :class:`app.service.SentimentService`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.schemas import ErrorResponse, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
+from app.service import SentimentService, State
+
+router = APIRouter()
+
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "malformed JSON"},
+    413: {"model": ErrorResponse, "description": "too many texts, or a text too long"},
+    422: {"model": ErrorResponse, "description": "invalid request (missing field, wrong type, empty text)"},
+    499: {"model": ErrorResponse, "description": "client disconnected (logged only; the client is gone)"},
+    503: {"model": ErrorResponse, "description": "not ready (loading, failed, draining) or overloaded; see Retry-After"},
+    504: {"model": ErrorResponse, "description": "no answer within the request timeout"},
+}
+
+
+def _service(request: Request) -> SentimentService:
+    return request.app.state.service
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client goes away (the body has been read, so the next message is a disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"],
+             summary="Probability of positive sentiment for each text, with an optional per-token trace")
+async def predict(body: PredictRequest, request: Request, response: Response) -> PredictResponse:
+    service = _service(request)
+    service.metrics.requests_in_flight.inc()
+    try:
+        engine, scores = await service.predict(body.texts, body.trace, lambda: _wait_for_disconnect(request))
+    finally:
+        service.metrics.requests_in_flight.dec()
+    response.headers["X-Model-Version"] = engine.version
+    return PredictResponse(
+        model=ModelRef(version=engine.version, device=str(engine.device)),
+        predictions=[
+            Prediction(
+                label="positive" if s.probability >= 0.5 else "negative",
+                probability=s.probability,
+                num_tokens=s.num_tokens,
+                truncated=s.truncated,
+                trace=Trace(tokens=s.tokens, probabilities=s.trace) if s.trace is not None else None,
+            )
+            for s in scores
+        ],
+    )
+
+
+@router.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]}, tags=["model"],
+            summary="Version, architecture, vocabulary, device and metrics of the loaded model")
+async def model_info(request: Request) -> ModelInfo:
+    engine = _service(request).require_ready()
+    card = engine.artifacts.card
+    return ModelInfo(
+        version=engine.version,
+        device=str(engine.device),
+        architecture=card.get("architecture", {}),
+        vocab_size=len(engine.artifacts.vocab),
+        tokenizer=card.get("tokenizer", {}),
+        max_tokens=engine.max_tokens,
+        metrics=card.get("metrics", {}),
+        training={k: card.get("training", {}).get(k) for k in ("train_seconds", "epochs_run", "best_epoch", "hardware")},
+    )
+
+
+@router.get("/health/live", response_model=Health, tags=["health"], summary="The process is up")
+async def live() -> Health:
+    return Health(status="alive")
+
+
+@router.get("/health/ready", response_model=Health, responses={503: {"model": Health}}, tags=["health"],
+            summary="The model is loaded and warmed up, and the service is not draining")
+async def ready(request: Request) -> JSONResponse:
+    service = _service(request)
+    engine = service.engine
+    health = Health(status=service.state.value, detail=service.detail,
+                    model_version=engine.version if engine else None, device=str(engine.device) if engine else None)
+    return JSONResponse(health.model_dump(), status_code=200 if service.state is State.READY else 503)
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

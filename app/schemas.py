@@ -1,0 +1,87 @@
+"""Request and response bodies of the HTTP API, with the examples shown in the OpenAPI docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXAMPLE_TEXTS = [
+    "A beautiful, moving film with a superb cast. I loved every minute of it.",
+    "Two hours of my life I will never get back. The plot made no sense at all.",
+]
+
+
+class PredictRequest(BaseModel):
+    """Texts to score. Limits (texts per request, characters per text) are service settings."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": EXAMPLE_TEXTS, "trace": False}]})
+
+    texts: list[str] = Field(..., min_length=1, description="reviews to score, in order")
+    trace: bool = Field(False, description="also return the running probability after every token")
+
+
+class Trace(BaseModel):
+    """The model's running sentiment: ``probabilities[i]`` is P(positive) after reading ``tokens[i]``."""
+
+    tokens: list[str]
+    probabilities: list[float]
+
+
+class Prediction(BaseModel):
+    label: Literal["positive", "negative"] = Field(..., description="positive when probability >= 0.5")
+    probability: float = Field(..., ge=0, le=1, description="P(positive) at the last token")
+    num_tokens: int = Field(..., description="tokens the model read (after truncation)")
+    truncated: bool = Field(..., description="true when the start of the text was cut to fit the token limit")
+    trace: Trace | None = Field(None, description="present when the request asked for it")
+
+
+class ModelRef(BaseModel):
+    version: str
+    device: str
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": {"version": "sentiment-lstm-20261123-2010", "device": "cpu"},
+        "predictions": [
+            {"label": "positive", "probability": 0.97, "num_tokens": 16, "truncated": False, "trace": None},
+            {"label": "negative", "probability": 0.02, "num_tokens": 18, "truncated": False, "trace": None},
+        ],
+    }]})
+
+    model: ModelRef
+    predictions: list[Prediction]
+
+
+class ModelInfo(BaseModel):
+    version: str
+    device: str
+    architecture: dict[str, Any]
+    vocab_size: int
+    tokenizer: dict[str, Any]
+    max_tokens: int = Field(..., description="truncation length applied by this service")
+    metrics: dict[str, Any] = Field(..., description="validation and test metrics from the model card")
+    training: dict[str, Any] = Field(default_factory=dict, description="time, hardware and epochs from the model card")
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(default_factory=list, description="where in the request the problem is")
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(..., description="stable machine-readable error code")
+    message: str = Field(..., description="what is wrong, in words")
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str | None = None
+    device: str | None = None
+    detail: str | None = None

@@ -1,0 +1,75 @@
+"""SentimentLSTM: Embedding → LSTM → Linear → sigmoid, with a probability at every timestep."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of :class:`SentimentLSTM` (stored in the model card)."""
+
+    vocab_size: int
+    embedding_dim: int = 200
+    hidden_size: int = 256
+    num_layers: int = 1
+    dropout: float = 0.4
+    pad_id: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SentimentLSTM(nn.Module):
+    """A unidirectional LSTM whose sigmoid output after each token is the running sentiment.
+
+    Input is right-padded: ``ids`` (B, T) with ``lengths`` (B,). A forward LSTM's output at step t
+    depends only on tokens 0..t, so padding after a text's last token cannot change any of its
+    outputs; that is why no packing is needed (and right-padded batches run faster on CPU than
+    packed ones). The prediction is the output at each text's last real token.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_id)
+        self.dropout = nn.Dropout(config.dropout)
+        self.lstm = nn.LSTM(
+            config.embedding_dim,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(config.hidden_size, 1)
+
+    def step_logits(self, ids: Tensor) -> Tensor:
+        """Logit of positive sentiment after every token: (B, T) ids → (B, T) logits."""
+        x = self.dropout(self.embedding(ids))  # (B, T, E)
+        h, _ = self.lstm(x)  # (B, T, H)
+        return self.head(self.dropout(h)).squeeze(-1)  # (B, T, 1) → (B, T)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """Return (probability at each text's last real token (B,), per-step probabilities (B, T)).
+
+        Per-step probabilities past a text's length are set to 0 so that padding is never read as
+        a prediction.
+        """
+        probs = torch.sigmoid(self.step_logits(ids))  # (B, T)
+        last_index = (lengths - 1).clamp(min=0).unsqueeze(1)  # (B, 1)
+        last = probs.gather(1, last_index).squeeze(1)  # (B,)
+        positions = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # (1, T)
+        probs = probs.masked_fill(positions >= lengths.unsqueeze(1), 0.0)  # (B, T)
+        return last, probs
+
+
+def pad_batch(id_lists: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists into ``ids`` (B, T_max) int64 and ``lengths`` (B,) int64."""
+    lengths = torch.tensor([len(x) for x in id_lists], dtype=torch.long)
+    ids = torch.full((len(id_lists), int(lengths.max()) if id_lists else 0), pad_id, dtype=torch.long)
+    for row, seq in enumerate(id_lists):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids, lengths

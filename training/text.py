@@ -1,0 +1,181 @@
+"""The text contract: raw review → cleaned text → spaCy tokens → vocabulary ids.
+
+This module is the one place where text becomes ids. Training and serving both import it, so it
+keeps its imports light (no torch, no training-only libraries).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1
+VOCAB_FORMAT = 1
+
+# IMDB reviews carry literal HTML line breaks ("<br /><br />"); spaCy would split them into noise
+# tokens such as "/><br", so they are replaced by a space before tokenising.
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+class TextPipelineError(ValueError):
+    """The vocabulary file is missing, unreadable or was made by an incompatible text pipeline."""
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """Everything that decides how a text becomes tokens; stored in the vocabulary file."""
+
+    spacy_language: str = "en"
+    lowercase: bool = True
+    strip_html_breaks: bool = True
+    max_tokens: int = 400
+    # Keep the END of a long review: reviews usually close with the verdict, and the prediction is
+    # read at the last token, so the end carries most of the signal.
+    truncation: str = "keep_end"
+
+    def __post_init__(self) -> None:
+        if self.truncation not in ("keep_end", "keep_start"):
+            raise TextPipelineError(f"unknown truncation policy {self.truncation!r}")
+        if self.max_tokens < 1:
+            raise TextPipelineError("max_tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One text after the pipeline: the kept tokens, their ids and whether tokens were dropped."""
+
+    tokens: list[str]
+    ids: list[int]
+    truncated: bool
+    total_tokens: int
+
+
+def clean(text: str, settings: TokenizerSettings) -> str:
+    """Apply the pre-tokenisation clean-up (HTML line breaks → spaces)."""
+    if settings.strip_html_breaks:
+        text = _HTML_BREAK.sub(" ", text)
+    return text
+
+
+class Tokenizer:
+    """spaCy's rule-based English tokenizer (``spacy.blank``: no model download needed)."""
+
+    def __init__(self, settings: TokenizerSettings) -> None:
+        import spacy  # imported here so that importing this module stays cheap
+
+        self.settings = settings
+        self._nlp = spacy.blank(settings.spacy_language)
+
+    def tokenize(self, text: str) -> list[str]:
+        """Return the (lower-cased) tokens of ``text``, whitespace tokens dropped."""
+        return self.tokenize_many([text])[0]
+
+    def tokenize_many(self, texts: Iterable[str], batch_size: int = 256) -> list[list[str]]:
+        """Tokenise many texts; faster than calling :meth:`tokenize` in a loop."""
+        lower = self.settings.lowercase
+        cleaned = (clean(t, self.settings) for t in texts)
+        out: list[list[str]] = []
+        for doc in self._nlp.tokenizer.pipe(cleaned, batch_size=batch_size):
+            out.append([(t.lower_ if lower else t.text) for t in doc if not t.is_space])
+        return out
+
+
+@dataclass
+class Vocabulary:
+    """Token ↔ id mapping with ``<pad>`` = 0 and ``<unk>`` = 1, plus the tokenizer settings."""
+
+    itos: list[str]
+    settings: TokenizerSettings = field(default_factory=TokenizerSettings)
+
+    def __post_init__(self) -> None:
+        if self.itos[:2] != [PAD, UNK]:
+            raise TextPipelineError("a vocabulary must start with <pad> (id 0) and <unk> (id 1)")
+        self.stoi = {tok: i for i, tok in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise TextPipelineError("the vocabulary has duplicate tokens")
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    @classmethod
+    def build(
+        cls,
+        token_lists: Iterable[Sequence[str]],
+        settings: TokenizerSettings,
+        min_freq: int = 2,
+        max_size: int | None = 25_000,
+    ) -> "Vocabulary":
+        """Count tokens and keep those seen ``min_freq`` times, most frequent first (ties: alphabetical)."""
+        counts: Counter[str] = Counter()
+        for tokens in token_lists:
+            counts.update(tokens)
+        kept = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        if max_size is not None:
+            kept = kept[: max(0, max_size - 2)]
+        return cls([PAD, UNK] + [t for t in kept if t not in (PAD, UNK)], settings)
+
+    def lookup(self, tokens: Sequence[str]) -> list[int]:
+        """Map tokens to ids; unknown tokens become ``<unk>``."""
+        get = self.stoi.get
+        return [get(t, UNK_ID) for t in tokens]
+
+    def truncate(self, tokens: list[str], max_tokens: int | None = None) -> tuple[list[str], bool]:
+        """Apply the truncation policy; ``max_tokens`` may only tighten the trained limit."""
+        limit = self.settings.max_tokens if max_tokens is None else min(max_tokens, self.settings.max_tokens)
+        if len(tokens) <= limit:
+            return tokens, False
+        kept = tokens[-limit:] if self.settings.truncation == "keep_end" else tokens[:limit]
+        return kept, True
+
+    def encode_tokens(self, tokens: list[str], max_tokens: int | None = None) -> EncodedText:
+        """Truncate and look up already-tokenised text.
+
+        A text with no tokens is encoded as one ``<unk>`` so that every text has a last token to
+        read the prediction from (serving rejects such texts before they get here).
+        """
+        kept, truncated = self.truncate(tokens, max_tokens)
+        ids = self.lookup(kept) or [UNK_ID]
+        return EncodedText(kept, ids, truncated, len(tokens))
+
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary and its tokenizer settings as JSON."""
+        payload = {"format": VOCAB_FORMAT, "tokenizer": asdict(self.settings), "itos": self.itos}
+        Path(path).write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        """Read a vocabulary file written by :meth:`save`, refusing unknown formats."""
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise TextPipelineError(f"vocabulary file not found: {path}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TextPipelineError(f"vocabulary file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != VOCAB_FORMAT:
+            raise TextPipelineError(f"vocabulary file {path} has an unsupported format")
+        try:
+            settings = TokenizerSettings(**payload["tokenizer"])
+            return cls(list(payload["itos"]), settings)
+        except (KeyError, TypeError) as exc:
+            raise TextPipelineError(f"vocabulary file {path} is incomplete: {exc}") from exc
+
+
+class TextEncoder:
+    """The whole contract in one object: texts → :class:`EncodedText` using a vocabulary's settings."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+        self.tokenizer = Tokenizer(vocab.settings)
+
+    def encode_many(self, texts: Sequence[str], max_tokens: int | None = None) -> list[EncodedText]:
+        """Tokenise, truncate and look up ``texts`` (a text may come out with no tokens; callers decide)."""
+        return [self.vocab.encode_tokens(t, max_tokens) for t in self.tokenizer.tokenize_many(texts)]
+
+    def encode(self, text: str, max_tokens: int | None = None) -> EncodedText:
+        """Encode one text (see :meth:`encode_many`)."""
+        return self.encode_many([text], max_tokens)[0]
