@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny trained-looking model exported to a temporary artifacts directory."""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.export import export_artifacts
+from training.model import ModelConfig, SentimentLSTM
+from training.text import TokenizerSettings, Vocabulary
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "model_artifacts"
+
+TINY_WORDS = ["good", "great", "bad", "awful", "movie", "film", "the", "was", "a", "!", ".", ","]
+
+
+def make_tiny_artifacts(directory: Path, max_tokens: int = 32, seed: int = 0) -> Path:
+    """Export a small random SentimentLSTM with a 14-token vocabulary (fast to load and run)."""
+    torch.manual_seed(seed)
+    vocab = Vocabulary.build([TINY_WORDS], TokenizerSettings(max_tokens=max_tokens), min_freq=1)
+    model = SentimentLSTM(ModelConfig(len(vocab), embedding_dim=8, hidden_size=12))
+    card = {"version": "tiny-test", "architecture": {"config": ModelConfig(len(vocab), 8, 12).to_dict()},
+            "metrics": {"validation": {"accuracy": 0.5}}}
+    return export_artifacts(model, vocab, card, directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_artifacts(tmp_path_factory.mktemp("tiny_artifacts"))
+
+
+def shipped_available() -> bool:
+    return (SHIPPED / "model.pt").is_file() and (SHIPPED / "model_card.json").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_fake_imdb(root: Path, n_per_class: int = 12, as_archive: bool = True) -> Path:
+    """Write a tiny labelled corpus in the official aclImdb layout (folder, or .tar.gz of it)."""
+    pos = ["a great film , wonderful acting and a great story", "good movie , i loved it <br /><br /> great !",
+           "wonderful , moving and good"]
+    neg = ["an awful film , boring and bad", "bad movie , i hated it <br /> awful !", "boring , dull and bad"]
+    files: dict[str, str] = {}
+    for split in ("train", "test"):
+        for i in range(n_per_class):
+            files[f"aclImdb/{split}/pos/{i}_{8 + i % 3}.txt"] = pos[i % 3] + f" number {i}"
+            files[f"aclImdb/{split}/neg/{i}_{1 + i % 3}.txt"] = neg[i % 3] + f" number {i}"
+    for i in range(4):
+        files[f"aclImdb/train/unsup/{i}_0.txt"] = "a film about a movie " + pos[i % 3]
+    files["aclImdb/README"] = "fake"
+    if not as_archive:
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        return root
+    archive = root / "aclImdb_v1.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive

@@ -1,0 +1,120 @@
+"""The micro-batcher alone: batching under load, no delay at idle, bounded queue, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
+
+
+class Recorder:
+    """A process function that doubles numbers, records batch sizes and can be slowed or blocked."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[int]) -> list[object]:
+        self.gate.wait(5)
+        time.sleep(self.delay)
+        self.batches.append(list(items))
+        return [ValueError(f"bad item {x}") if x < 0 else x * 2 for x in items]
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(1) as ex:
+        yield ex
+
+
+async def test_concurrent_callers_share_batches_and_get_their_own_results(executor) -> None:
+    rec = Recorder(delay=0.02)
+    batcher = MicroBatcher(rec, executor, max_batch_size=16, max_wait_s=0.005, max_queue=1000)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit_many([i, i + 1000]) for i in range(100)))
+    assert results == [[2 * i, 2 * (i + 1000)] for i in range(100)]
+    assert max(len(b) for b in rec.batches) == 16 and len(rec.batches) < 40
+    await batcher.stop()
+
+
+async def test_lone_request_does_not_wait_for_the_batch_delay(executor) -> None:
+    rec = Recorder()
+    batcher = MicroBatcher(rec, executor, max_batch_size=64, max_wait_s=0.5, max_queue=100)
+    batcher.start()
+    for _ in range(3):  # sequential callers: never concurrent, so never delayed
+        started = time.perf_counter()
+        assert await batcher.submit_many([1]) == [2]
+        assert time.perf_counter() - started < 0.25  # far below the 0.5 s linger
+    await batcher.stop()
+
+
+async def test_full_queue_refuses_whole_submission(executor) -> None:
+    rec = Recorder()
+    rec.gate.clear()  # block the model so that the queue fills
+    batcher = MicroBatcher(rec, executor, max_batch_size=2, max_wait_s=0, max_queue=4)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit_many([1, 2]))  # taken by the (blocked) worker
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(batcher.submit_many([3, 4, 5]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFullError):
+        await batcher.submit_many([6, 7])  # 3 queued + 2 > 4
+    assert batcher.depth == 3  # the refused request left nothing in the queue
+    rec.gate.set()
+    assert await first == [2, 4] and await queued == [6, 8, 10]
+    await batcher.stop()
+
+
+async def test_cancelled_caller_leaves_no_work_behind(executor) -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = MicroBatcher(rec, executor, max_batch_size=8, max_wait_s=0, max_queue=100)
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit_many([1]))
+    await asyncio.sleep(0.05)
+    doomed = asyncio.ensure_future(batcher.submit_many([100, 101]))
+    survivor = asyncio.ensure_future(batcher.submit_many([5]))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    rec.gate.set()
+    assert await blocker == [2] and await survivor == [10]
+    assert all(100 not in b and 101 not in b for b in rec.batches)
+    await batcher.stop()
+
+
+async def test_an_item_error_reaches_only_its_caller(executor) -> None:
+    batcher = MicroBatcher(Recorder(delay=0.01), executor, max_batch_size=8, max_wait_s=0.01, max_queue=100)
+    batcher.start()
+    good, bad = await asyncio.gather(batcher.submit_many([3]), batcher.submit_many([-1]), return_exceptions=True)
+    assert good == [6] and isinstance(bad, ValueError)
+    await batcher.stop()
+
+
+async def test_a_crashing_batch_fails_every_caller_instead_of_hanging(executor) -> None:
+    def crash(items):
+        raise RuntimeError("device lost")
+
+    batcher = MicroBatcher(crash, executor, max_batch_size=8, max_wait_s=0, max_queue=100)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit_many([i]) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    await batcher.stop()
+
+
+async def test_stop_drains_accepted_work_then_refuses_new(executor) -> None:
+    rec = Recorder(delay=0.01)
+    batcher = MicroBatcher(rec, executor, max_batch_size=4, max_wait_s=0, max_queue=100)
+    batcher.start()
+    pending = [asyncio.ensure_future(batcher.submit_many([i])) for i in range(10)]
+    await asyncio.sleep(0)
+    await batcher.stop(drain=True)
+    assert await asyncio.wait_for(asyncio.gather(*pending), 1) == [[2 * i] for i in range(10)]
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit_many([1])
