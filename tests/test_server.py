@@ -106,3 +106,24 @@ def test_sigterm_drains_then_exits_cleanly(tiny_artifacts: Path) -> None:
     assert proc.wait(30) == 0
     out = proc.stdout.read()
     assert "Traceback" not in out
+
+
+def test_test_set_figure_reproduces_over_http(tiny_artifacts: Path, tmp_path: Path, capsys) -> None:
+    """The evaluation CLI gives the same metrics in-process (cached tokens) and through the service."""
+    import json
+
+    from tests.conftest import write_fake_imdb
+    from training import evaluate
+
+    data = write_fake_imdb(tmp_path)
+    assert evaluate.main(["--artifacts", str(tiny_artifacts), "--data", str(data), "--json",
+                          "--cache-dir", str(tmp_path / "cache")]) == 0
+    offline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    proc, base = start_server(tiny_artifacts)
+    try:
+        assert evaluate.main(["--url", base, "--data", str(data), "--json"]) == 0
+        served = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert served == offline and served["n"] == 24

@@ -1,6 +1,10 @@
-"""Score an artifacts directory on the IMDB test split: accuracy, precision, recall, F1, confusion matrix.
+"""Score a model on the IMDB test split: accuracy, precision, recall, F1, confusion matrix.
 
     python -m training.evaluate --artifacts model_artifacts --data ../shared/data/aclImdb_v1.tar.gz
+    python -m training.evaluate --url http://127.0.0.1:8000 --data ../shared/data/aclImdb_v1.tar.gz
+
+With ``--url`` the raw review texts are sent to a running service (``POST /v1/predict``) instead,
+so the figure is reproduced through the whole serving path: HTTP, tokenisation, batching, model.
 """
 
 from __future__ import annotations
@@ -58,24 +62,63 @@ def predict_ids(model: torch.nn.Module, id_lists: Sequence[list[int]], device: t
     return out
 
 
+def predict_over_http(url: str, texts: Sequence[str], per_request: int = 32, concurrency: int = 8) -> list[float]:
+    """P(positive) for each text from a running service, ``per_request`` texts per call."""
+    import asyncio
+
+    import httpx
+
+    chunks = [list(texts[i : i + per_request]) for i in range(0, len(texts), per_request)]
+    out: list[list[float]] = [[] for _ in chunks]
+
+    async def worker(queue: asyncio.Queue, client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            r = await client.post("/v1/predict", json={"texts": chunks[i]})
+            r.raise_for_status()
+            out[i] = [p["probability"] for p in r.json()["predictions"]]
+
+    async def run() -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        for i in range(len(chunks)):
+            queue.put_nowait(i)
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            await asyncio.gather(*(worker(queue, client) for _ in range(concurrency)))
+
+    asyncio.run(run())
+    return [p for chunk in out for p in chunk]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", default="model_artifacts", help="artifacts directory to score")
     parser.add_argument("--data", default="../shared/data/aclImdb_v1.tar.gz", help="aclImdb archive or folder")
     parser.add_argument("--cache-dir", default=".cache", help="where tokenised corpora are cached")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 …")
+    parser.add_argument("--url", default=None, help="score through a running service at this base URL instead")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON only")
     args = parser.parse_args(argv)
 
-    art = load_artifacts(args.artifacts, args.device)
-    corpus = load_tokenized(args.data, art.vocab.settings, args.cache_dir)
-    ids = [art.vocab.encode_tokens(t).ids for t in corpus.tokens["test"]]
-    metrics = compute_metrics(predict_ids(art.model, ids, art.device), corpus.labels["test"])
+    if args.url:
+        from training.data import read_imdb
+
+        import httpx
+
+        reviews = read_imdb(args.data, ("test",))["test"]
+        version = httpx.get(args.url + "/v1/model", timeout=30).json().get("version")
+        probs = predict_over_http(args.url, [r.text for r in reviews])
+        metrics = compute_metrics(probs, [r.label for r in reviews])
+    else:
+        art = load_artifacts(args.artifacts, args.device)
+        version = art.card.get("version")
+        corpus = load_tokenized(args.data, art.vocab.settings, args.cache_dir)
+        ids = [art.vocab.encode_tokens(t).ids for t in corpus.tokens["test"]]
+        metrics = compute_metrics(predict_ids(art.model, ids, art.device), corpus.labels["test"])
     if args.json:
         print(json.dumps(metrics))
     else:
         cm = metrics["confusion_matrix"]
-        print(f"model {art.card.get('version')} on {metrics['n']} test reviews")
+        print(f"model {version} on {metrics['n']} test reviews" + (f" over HTTP ({args.url})" if args.url else ""))
         for key in ("accuracy", "precision", "recall", "f1"):
             print(f"  {key:<9} {metrics[key]:.4f}")
         print("  confusion matrix (rows: true, columns: predicted)")

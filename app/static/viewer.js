@@ -40,13 +40,13 @@
   /** Dark text on light backgrounds, white on the saturated ends. */
   const textColour = (p) => (Math.abs(p - 0.5) > 0.33 ? "#ffffff" : "#1c2430");
   const fmt = (p) => p.toFixed(3);
-  const signed = (d) => (d >= 0 ? "+" : "−") + Math.abs(d).toFixed(3);
+  const signed = (d) => (Math.abs(d) < 0.0005 ? "±" : d > 0 ? "+" : "−") + Math.abs(d).toFixed(3);
   const quote = (t) => `“${t}”`;
 
   // Punctuation and English clitics are drawn against the previous token, as they were written.
   const TIGHT = /^([.,!?;:%)\]}…]|'s$|'re$|'ve$|'ll$|'d$|'m$|n't$)/i;
 
-  const state = { result: null, active: -1, tipFrom: null, controller: null, modelInfo: null, modelRetry: null };
+  const state = { result: null, active: -1, tipFrom: null, controller: null, modelRetry: null };
 
   // ---- model info (header badge and footer) ---------------------------------------------------
   async function loadModelInfo() {
@@ -61,7 +61,6 @@
     }
     if (res.ok) {
       const info = await res.json();
-      state.modelInfo = info;
       setModelStatus("ready", `Ready · ${info.device}`);
       renderModelInfo(info);
       return;
@@ -139,7 +138,9 @@
     state.controller = controller;
     const button = $("analyze");
     document.body.dataset.state = "loading";
-    button.disabled = true;
+    // aria-disabled, not disabled: a disabled button drops keyboard focus. A second submit while
+    // busy simply replaces the first request (it is aborted above).
+    button.setAttribute("aria-disabled", "true");
     button.textContent = "Analyzing…";
     $("result").setAttribute("aria-busy", "true");
     clearError();
@@ -181,7 +182,7 @@
     } finally {
       if (state.controller === controller) {
         state.controller = null;
-        button.disabled = false;
+        button.removeAttribute("aria-disabled");
         button.textContent = "Analyze";
         $("result").removeAttribute("aria-busy");
       }
@@ -206,6 +207,7 @@
     verdict.textContent = prediction.label;
     verdict.dataset.label = prediction.label;
     $("probability").textContent = fmt(prediction.probability);
+    $("close-call").hidden = Math.abs(prediction.probability - 0.5) >= 0.1;
     $("meter-marker").style.left = `${(prediction.probability * 100).toFixed(2)}%`;
     $("summary").textContent = summarise(tokens, probs, prediction, model, ms);
 
@@ -330,6 +332,20 @@
     if (y < 6) y = anchor.top + anchor.height + 8;
     tip.style.left = `${Math.round(x)}px`;
     tip.style.top = `${Math.round(y)}px`;
+  }
+
+  /** Keep the tooltip on its token or chart point when the page or the token box scrolls. */
+  function followAnchor() {
+    if ($("tooltip").hidden || state.active < 0 || !state.result) return;
+    const i = state.active;
+    if (state.tipFrom === "chart") {
+      showTooltip(i, cursorRect(i));
+      return;
+    }
+    const rect = tokenEl(i).getBoundingClientRect();
+    const box = $("tokens").getBoundingClientRect();
+    if (rect.bottom < box.top || rect.top > box.bottom) hideTooltip(); // scrolled out of its box
+    else showTooltip(i, rect);
   }
 
   function hideTooltip() {
@@ -602,9 +618,8 @@
       }
       width = w;
     }).observe($("chart"));
-    window.addEventListener("scroll", hideTooltip, { passive: true });
-    // A token's tooltip would be left behind when its box scrolls (the chart's stays with its point).
-    $("tokens").addEventListener("scroll", () => { if (state.tipFrom === "tokens") hideTooltip(); }, { passive: true });
+    window.addEventListener("scroll", followAnchor, { passive: true });
+    $("tokens").addEventListener("scroll", followAnchor, { passive: true });
     updateCount();
     loadModelInfo();
   }

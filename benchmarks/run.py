@@ -1,0 +1,307 @@
+"""Benchmark the service against itself (batching on/off) and against the offline ceiling.
+
+    python -m benchmarks.run --data ../shared/data/aclImdb_v1.tar.gz
+
+In one run: reads real IMDB test reviews; measures the offline ceiling (the same texts tokenised and
+scored in-process in large batches, no HTTP); then, for each configuration, starts the service
+(``python -m app``), drives it with ``wrk`` (one review per request) at each concurrency level, and
+reads the observed batch sizes and per-phase times from ``/metrics``. Prints a table, writes
+``results.json`` and ``throughput.png`` to ``--out``, and checks the targets of issue 5.
+Needs ``wrk`` (Debian package ``wrk``) and matplotlib for the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+LUA = Path(__file__).resolve().parent / "wrk_post.lua"
+CONFIGS = {
+    "batching on": {},
+    "batching off": {"SENTIMENT_MAX_BATCH_SIZE": "1"},
+}
+
+
+def load_reviews(source: str, n: int, seed: int) -> list[str]:
+    from training.data import read_imdb
+
+    reviews = read_imdb(source, ("test",))["test"]
+    random.Random(seed).shuffle(reviews)
+    return [r.text for r in reviews[:n]]
+
+
+def offline_ceiling(artifacts: Path, texts: list[str], batch_size: int, repeats: int = 2) -> dict[str, float]:
+    """Tokenise and score ``texts`` in-process, ``batch_size`` at a time: the best the model can do here."""
+    from app.engine import ScoreRequest, SentimentEngine
+
+    engine = SentimentEngine.load(artifacts, "auto")
+    engine.warm_up()
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokenize = forward = 0.0
+        for i in range(0, len(texts), batch_size):
+            a = time.perf_counter()
+            encoded = engine.encode(texts[i : i + batch_size])
+            b = time.perf_counter()
+            engine.predict([ScoreRequest(e) for e in encoded])
+            forward += time.perf_counter() - b
+            tokenize += b - a
+        total = time.perf_counter() - t0
+        if not best or total < best["seconds"]:
+            best = {"seconds": total, "reviews_per_s": len(texts) / total,
+                    "tokenize_ms_per_review": 1000 * tokenize / len(texts),
+                    "forward_ms_per_review": 1000 * forward / len(texts)}
+    return best
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Flatten Prometheus text into {'name{labels}': value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def batch_histogram(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Batches per size bucket (non-cumulative) during one load step."""
+    cumulative = {}
+    for key in after:
+        m = re.match(r'sentiment_batch_size_bucket\{le="([^"]+)"\}', key)
+        if m:
+            cumulative[m[1]] = metric_delta(before, after, key)
+    hist, prev = {}, 0.0
+    for le in sorted(cumulative, key=lambda x: float("inf") if x == "+Inf" else float(x)):
+        hist[le] = cumulative[le] - prev
+        prev = cumulative[le]
+    return {k: v for k, v in hist.items() if v}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """``python -m app`` in a subprocess with extra environment settings."""
+
+    def __init__(self, artifacts: Path, env: dict[str, str], port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        environ = {**os.environ, "SENTIMENT_ARTIFACTS_DIR": str(artifacts), "SENTIMENT_PORT": str(port), **env}
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", "--log-level", "warning"], cwd=REPO,
+                                     env=environ, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.base + "/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(self.base + "/metrics", timeout=10).text)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def run_wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    threads = 1 if concurrency < 8 else 2
+    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+           "-s", str(LUA), base, "--", str(bodies)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("WRK_JSON "))
+    return json.loads(line[len("WRK_JSON "):])
+
+
+def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    before = server.metrics()
+    w = run_wrk(server.base, bodies, concurrency, seconds)
+    after = server.metrics()
+    batches = metric_delta(before, after, "sentiment_batch_size_count")
+    texts = metric_delta(before, after, "sentiment_batch_size_sum")
+    req_key = 'sentiment_request_duration_seconds_{}{{route="/v1/predict",status="200"}}'
+    n_req = metric_delta(before, after, req_key.format("count")) or 1
+
+    def mean_ms(name: str, per: float) -> float:
+        return 1000 * metric_delta(before, after, name) / per if per else 0.0
+
+    return {
+        "concurrency": concurrency,
+        "reviews_per_s": w["requests"] / (w["duration_us"] / 1e6),
+        "p50_ms": w["p50_us"] / 1000, "p95_ms": w["p95_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
+        "non_2xx": w["non_2xx"], "socket_errors": w["socket_errors"],
+        "mean_batch_size": texts / batches if batches else 0.0,
+        "batch_size_histogram": batch_histogram(before, after),
+        # Where a request's time goes (means, from the service's own histograms):
+        "phase_ms": {
+            "server_total": mean_ms(req_key.format("sum"), n_req),
+            "tokenize": mean_ms("sentiment_tokenize_duration_seconds_sum", metric_delta(
+                before, after, "sentiment_tokenize_duration_seconds_count")),
+            "queue_wait": mean_ms("sentiment_queue_wait_seconds_sum", metric_delta(
+                before, after, "sentiment_queue_wait_seconds_count")),
+            "batch_forward": mean_ms("sentiment_batch_duration_seconds_sum", batches),
+        },
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rows in results["service"].items():
+        cs = [r["concurrency"] for r in rows]
+        ax1.plot(cs, [r["reviews_per_s"] for r in rows], marker="o", label=name)
+        ax2.plot(cs, [r["p99_ms"] for r in rows], marker="o", label=name)
+    ax1.axhline(results["offline_ceiling"]["reviews_per_s"], color="grey", ls="--", label="offline ceiling")
+    for ax, title, unit in ((ax1, "Throughput", "reviews / s"), (ax2, "p99 latency", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(results["concurrency"], [str(c) for c in results["concurrency"]])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax2.set_yscale("log")
+    fig.suptitle(f"LSTM sentiment service — {results['machine']['cpus']} CPU cores, one review per request")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def check_targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    on = {r["concurrency"]: r for r in results["service"]["batching on"]}
+    off = {r["concurrency"]: r for r in results["service"]["batching off"]}
+    ceiling = results["offline_ceiling"]["reviews_per_s"]
+    checks = []
+    if 32 in on and 32 in off:
+        ratio = on[32]["reviews_per_s"] / off[32]["reviews_per_s"]
+        checks.append(("throughput on/off at 32 clients", ratio, ">= 5", ratio >= 5))
+    if 1 in on and 1 in off:
+        ratio = on[1]["p50_ms"] / off[1]["p50_ms"]
+        checks.append(("p50 on/off at 1 client", ratio, "<= 1.2", ratio <= 1.2))
+    if 64 in on:
+        ratio = on[64]["reviews_per_s"] / ceiling
+        checks.append(("throughput on at 64 / offline ceiling", ratio, ">= 0.8", ratio >= 0.8))
+    soak = results.get("soak")
+    if soak:
+        growth = soak["rss_end_mb"] / soak["rss_start_mb"]
+        checks.append(("RSS end/start over the soak", growth, "<= 1.1", growth <= 1.1))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data/aclImdb_v1.tar.gz", help="aclImdb archive or folder")
+    p.add_argument("--artifacts", default=str(REPO / "model_artifacts"))
+    p.add_argument("--reviews", type=int, default=2000, help="test reviews to cycle through")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--seconds", type=float, default=15, help="load time per concurrency level")
+    p.add_argument("--warmup-seconds", type=float, default=3)
+    p.add_argument("--offline-batch", type=int, default=256, help="batch size of the offline ceiling")
+    p.add_argument("--soak-seconds", type=float, default=0, help="memory soak at 32 clients (0: skip)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("benchmarks need wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_reviews(args.data, args.reviews, args.seed)
+    bodies = out / "bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
+    import torch
+
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads()},
+        "reviews": len(texts), "seconds_per_level": args.seconds, "concurrency": args.concurrency,
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print(f"offline ceiling: {len(texts)} reviews in batches of {args.offline_batch} …", flush=True)
+    results["offline_ceiling"] = offline_ceiling(Path(args.artifacts), texts, args.offline_batch)
+    print(f"  {results['offline_ceiling']['reviews_per_s']:.0f} reviews/s", flush=True)
+
+    results["service"] = {}
+    for name in args.configs:
+        server = Server(Path(args.artifacts), CONFIGS[name], args.port)
+        try:
+            run_wrk(server.base, bodies, max(args.concurrency), args.warmup_seconds)
+            rows = []
+            for c in args.concurrency:
+                row = measure(server, bodies, c, args.seconds)
+                rows.append(row)
+                print(f"{name:>13} c={c:<3} {row['reviews_per_s']:7.1f} reviews/s  p50 {row['p50_ms']:7.1f} ms  "
+                      f"p99 {row['p99_ms']:7.1f} ms  batch {row['mean_batch_size']:5.1f}  non-2xx {row['non_2xx']}",
+                      flush=True)
+            results["service"][name] = rows
+            if name == "batching on" and args.soak_seconds > 0:
+                start_rss = rss_mb(server.proc.pid)
+                soak = run_wrk(server.base, bodies, 32, args.soak_seconds)
+                results["soak"] = {"seconds": args.soak_seconds, "concurrency": 32, "rss_start_mb": start_rss,
+                                   "rss_end_mb": rss_mb(server.proc.pid), "requests": soak["requests"],
+                                   "non_2xx": soak["non_2xx"]}
+                print(f"soak: RSS {start_rss:.0f} MB → {results['soak']['rss_end_mb']:.0f} MB over "
+                      f"{args.soak_seconds:.0f}s ({soak['requests']} requests)", flush=True)
+        finally:
+            server.stop()
+
+    print()
+    print(f"| config | clients | reviews/s | × ceiling | p50 ms | p95 ms | p99 ms | mean batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    ceiling = results["offline_ceiling"]["reviews_per_s"]
+    for name, rows in results["service"].items():
+        for r in rows:
+            print(f"| {name} | {r['concurrency']} | {r['reviews_per_s']:.1f} | {r['reviews_per_s'] / ceiling:.2f} | "
+                  f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} |")
+    print(f"| offline ceiling | – | {ceiling:.1f} | 1.00 | – | – | – | {args.offline_batch} |")
+    print()
+    results["targets"] = [{"target": t, "value": round(v, 3), "goal": g, "met": ok} for t, v, g, ok in check_targets(results)]
+    for t in results["targets"]:
+        print(f"{'PASS' if t['met'] else 'FAIL'}  {t['target']}: {t['value']:.2f} (goal {t['goal']})")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "throughput.png")
+    bodies.unlink()
+    print(f"\nwrote {out / 'results.json'} and {out / 'throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The trace viewer in a real browser: headless Chromium (Debian's) driven by Playwright against a
+real uvicorn process.
+
+Uses the shipped model in ``model_artifacts/`` when it is there (and then saves the README's
+screenshot to ``docs/screenshot.png``); otherwise a tiny untrained model built here, with the
+screenshot going to a temporary directory. Skips when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_ARTIFACTS = ROOT / "model_artifacts"
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+READY_TIMEOUT_S = 180  # loading + warm-up of the shipped model on a busy 2-core CI machine
+
+TYPED_REVIEW = ("I expected a dull remake, but the acting is superb and the story kept me hooked. "
+                "The ending was a bit weak, yet I loved it.")
+
+
+@dataclass
+class Server:
+    url: str
+    shipped: bool  # serving model_artifacts/ (the real model) rather than a tiny test model
+
+    def predict(self, text: str) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/predict", json={"texts": [text], "trace": True}, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Debian's Chromium under Playwright; skip (with the reason) where either is missing."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium chromium-driver)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("python package 'playwright' is not importable (pip install playwright)")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _tiny_artifacts(out: Path) -> Path:
+    """An untrained model over a five-word vocabulary: enough to exercise the page."""
+    from training.export import export_artifacts
+    from training.model import ModelConfig, SentimentLSTM
+    from training.text import TokenizerSettings, Vocabulary
+
+    vocab = Vocabulary.build([["good", "bad", "movie", "great", "awful"]], TokenizerSettings(max_tokens=50), min_freq=1)
+    model = SentimentLSTM(ModelConfig(len(vocab), 8, 8))
+    return export_artifacts(model, vocab, {"version": "tiny-test", "metrics": {}}, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(browser: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``python -m uvicorn app.main:app`` on a free port, once ``/health/ready`` answers 200."""
+    shipped = (SHIPPED_ARTIFACTS / "model.pt").is_file()
+    artifacts = SHIPPED_ARTIFACTS if shipped else _tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("uvicorn") / "uvicorn.log"
+    env = {**os.environ, "SENTIMENT_ARTIFACTS_DIR": str(artifacts), "SENTIMENT_TORCH_THREADS": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready within {READY_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield Server(url, shipped)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def page(browser, server: Server):
+    """A fresh page at ``/``; fails the test on any uncaught JavaScript error."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    js_errors: list[str] = []
+    page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    page.goto(server.url + "/")
+    yield page
+    context.close()
+    assert not js_errors, f"JavaScript errors on the page: {js_errors}"
+
+
+def _analyze(page, submit: str = "click") -> None:
+    if submit == "click":
+        page.click("#analyze")
+    else:
+        page.press("#review", "Control+Enter")
+    page.wait_for_selector("body[data-state=done], body[data-state=error]")
+
+
+def test_typed_review_shows_one_coloured_token_per_trace_token(page, server: Server) -> None:
+    page.locator("#review").press_sequentially(TYPED_REVIEW)
+    _analyze(page)
+    assert page.get_attribute("body", "data-state") == "done", page.text_content("#error")
+
+    api = server.predict(TYPED_REVIEW).json()["predictions"][0]
+    tokens = page.locator(".token")
+    assert tokens.count() == len(api["trace"]["tokens"])
+    assert tokens.all_text_contents() == api["trace"]["tokens"]
+    shown = [float(p) for p in page.eval_on_selector_all(".token", "els => els.map(e => e.dataset.p)")]
+    assert shown == pytest.approx(api["trace"]["probabilities"], abs=1e-4)
+
+    assert page.text_content("#verdict").strip().lower() == api["label"]
+    assert page.text_content("#probability") == f"{api['probability']:.3f}"
+    assert page.is_hidden("#truncation-note")
+
+    # Colour follows the diverging scale: red dominates below 0.5, blue above.
+    colours = page.eval_on_selector_all(".token", "els => els.map(e => getComputedStyle(e).backgroundColor)")
+    for p, css in zip(shown, colours):
+        r, _, b = (int(v) for v in re.findall(r"\d+", css)[:3])
+        if p < 0.45:
+            assert r > b, (p, css)
+        elif p > 0.55:
+            assert b > r, (p, css)
+
+    # The chart: one trace line over the 0.5 threshold; hovering it highlights a token.
+    assert page.locator("#chart svg .threshold").count() == 1
+    assert page.locator("#chart svg .trace-line").count() == (1 if len(shown) > 1 else 0)
+    chart = page.locator("#chart svg")
+    box = chart.bounding_box()
+    chart.hover(position={"x": box["width"] - 20, "y": box["height"] / 2})  # scrolls it into view first
+    assert page.locator(".token.active").count() == 1
+    assert page.is_visible("#tooltip")
+    assert re.search(r"token \d+ of %d" % len(shown), page.text_content("#tooltip"))
+
+
+def test_keyboard_submit_long_review_shows_truncation(page, server: Server) -> None:
+    max_tokens = httpx.get(f"{server.url}/v1/model", timeout=10).json()["max_tokens"]
+    long_review = "The acting is great but the plot is awful . " * (max_tokens // 10 + 5)
+    page.fill("#review", long_review)
+    _analyze(page, submit="keyboard")  # Ctrl+Enter in the text box
+    assert page.get_attribute("body", "data-state") == "done", page.text_content("#error")
+
+    api = server.predict(long_review).json()["predictions"][0]
+    assert api["truncated"] and api["num_tokens"] == max_tokens
+    assert page.locator(".token").count() == len(api["trace"]["tokens"]) == max_tokens
+    assert page.is_visible("#truncation-note")
+    assert "beginning was cut" in page.text_content("#truncation-note")
+    assert str(max_tokens) in page.text_content("#truncation-note")
+    # The token area scrolls instead of growing with the review.
+    assert page.eval_on_selector("#tokens", "e => getComputedStyle(e).overflowY") == "auto"
+    if max_tokens >= 200:  # the shipped model's 400 tokens overflow the box; the tiny model's 50 do not
+        assert page.eval_on_selector("#tokens", "e => e.scrollHeight > e.clientHeight")
+
+    # Tokens are reachable from the keyboard: focus the list, End jumps to the last token.
+    page.focus(".token >> nth=0")
+    page.keyboard.press("End")
+    assert page.evaluate("document.activeElement.dataset.i") == str(max_tokens - 1)
+    assert f"token {max_tokens} of {max_tokens}" in page.text_content("#tooltip")
+
+
+def test_api_error_is_shown_in_words(page, server: Server) -> None:
+    page.fill("#review", "   \n  ")
+    _analyze(page)
+    assert page.get_attribute("body", "data-state") == "error"
+    api = server.predict("   \n  ")
+    assert api.status_code == 422
+    shown = page.text_content("#error")
+    assert page.is_visible("#error")
+    assert api.json()["error"]["message"] in shown
+
+
+def test_network_failure_is_shown_in_words(page, server: Server) -> None:
+    page.route("**/v1/predict", lambda route: route.abort("connectionrefused"))
+    page.fill("#review", TYPED_REVIEW)
+    _analyze(page)
+    assert page.get_attribute("body", "data-state") == "error"
+    assert "Could not reach the service" in page.text_content("#error")
+    assert page.get_attribute("#analyze", "aria-disabled") is None  # ready for another try
+    assert page.text_content("#analyze") == "Analyze"
+
+
+def test_narrow_screen_has_no_horizontal_scroll(page, server: Server) -> None:
+    page.set_viewport_size({"width": 360, "height": 740})
+    page.click("[data-example=mixed]")
+    _analyze(page)
+    assert page.get_attribute("body", "data-state") == "done"
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+
+
+def test_example_review_screenshot(page, server: Server, tmp_path: Path) -> None:
+    """Analyse the "change of heart" example and save a screenshot of the whole page.
+
+    With the shipped model the screenshot is the README's (docs/screenshot.png)."""
+    page.wait_for_selector("#model-status[data-status=ready]")
+    page.click("[data-example=mixed]")
+    text = page.input_value("#review")
+    assert text.strip()
+    _analyze(page)
+    assert page.get_attribute("body", "data-state") == "done"
+    api = server.predict(text).json()["predictions"][0]
+    assert page.locator(".token").count() == len(api["trace"]["tokens"])
+    assert page.text_content("#verdict").strip().lower() == api["label"]
+
+    # A viewport as tall as the page (same width, so the chart keeps its layout); then hover the token
+    # where the probability fell most, so the picture shows the tooltip and the linked chart cursor.
+    height = page.evaluate("document.documentElement.scrollHeight")
+    page.set_viewport_size({"width": 1100, "height": height})
+    probs = api["trace"]["probabilities"]
+    drop = min(range(1, len(probs)), key=lambda i: probs[i] - probs[i - 1]) if len(probs) > 1 else 0
+    page.hover(f'.token[data-i="{drop}"]')
+    assert page.locator(".token.active").count() == 1
+    assert page.is_visible("#chart svg .cursor-group[visibility=visible]")
+
+    path = SCREENSHOT if server.shipped else tmp_path / "screenshot.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 20_000
