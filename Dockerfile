@@ -1,9 +1,8 @@
-# syntax=docker/dockerfile:1
 # The sentiment service: FastAPI + uvicorn serving the TorchScript model in model_artifacts/ on port 8000.
 #
 #   docker build -t lstm-sentiment .                                   # CPU torch (default)
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t lstm-sentiment:cuda .
-#   docker run --rm -p 8000:8000 lstm-sentiment                        # --gpus all for the CUDA image
+#   docker run --rm -p 8000:8000 lstm-sentiment                        # add --gpus all for the CUDA image
 #
 # Build arguments (docs/deployment.md has the details):
 #   BASE_IMAGE       any Debian-like image with python3 >= 3.11 and its venv module (default: the official slim one)
@@ -15,7 +14,7 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- builder: a venv with the dependencies and the package ------------------------------------------
+# ---- builder: the dependencies in a venv, the package as a wheel -----------------------------------
 FROM ${BASE_IMAGE} AS builder
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -41,18 +40,19 @@ RUN set -eux; \
     pip install -r /tmp/requirements.txt; \
     python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
-# The package itself (app + training's text/model/export code, which serving imports).
-COPY app /src/app
-COPY training /src/training
-RUN pip install --no-deps /src && rm -rf /src
-
 # Drop what a Python-only runtime never touches: C++ headers, CMake files, torch's C++ test binaries and
 # protoc (about 190 MB of the CPU image). torch_shm_manager stays (multiprocessing shared memory).
 RUN set -eux; \
     torch_dir=$(python -c 'import pathlib, torch; print(pathlib.Path(torch.__file__).parent)'); \
     rm -rf "$torch_dir/include" "$torch_dir/share/cmake" "$torch_dir/test" \
            "$torch_dir"/bin/protoc* "$torch_dir"/bin/*Test "$torch_dir"/bin/test_*; \
-    python -c 'import torch, spacy, uvicorn, app.main'  # still imports after pruning
+    python -c 'import torch, spacy, fastapi, uvicorn'  # still imports after pruning
+
+# The package itself (app + the training code serving imports) as a wheel: /opt/venv stays as it was,
+# so a code change does not copy the 1 GB venv into the runtime stage again.
+COPY app /src/app
+COPY training /src/training
+RUN pip wheel --no-deps --wheel-dir /wheels /src
 
 # ---- runtime: the venv, the model, a non-root user ---------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -60,11 +60,15 @@ LABEL org.opencontainers.image.title="lstm-sentiment-service" \
       org.opencontainers.image.description="IMDB-trained LSTM sentiment model served by FastAPI with dynamic batching"
 
 RUN set -eux; \
-    groupadd --system --gid 10001 app; \
-    useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app; \
+    groupadd --gid 10001 app; \
+    useradd --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app; \
     mkdir -p /app; chown app:app /app
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /wheels /tmp/wheels
+RUN PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install --no-deps --no-index /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels \
+    && /opt/venv/bin/python -c 'import app.main'
 COPY --chown=app:app model_artifacts /app/model_artifacts
 
 ENV PATH=/opt/venv/bin:$PATH \
@@ -83,6 +87,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2)"]
 
-# Exec form: uvicorn is PID 1 and gets SIGTERM itself (docker stop, Kubernetes). It then reports
-# not-ready, finishes accepted work, and exits 0.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# Exec form, so the server is PID 1 and gets SIGTERM itself (docker stop, Kubernetes). It then reports
+# not-ready, waits SENTIMENT_SHUTDOWN_DELAY_S, closes the listener, finishes accepted requests (at most
+# SENTIMENT_GRACEFUL_TIMEOUT_S) and exits 0. `python -m app` rather than plain uvicorn: uvicorn re-raises
+# the caught SIGTERM after its graceful shutdown, which kills the process with 143 wherever it is not
+# PID 1 (docker run --init, compose init: true, a shared process namespace).
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]

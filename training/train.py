@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import random
 import sys
@@ -69,6 +70,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="tokenisation processes")
     p.add_argument("--no-test", action="store_true", help="skip the test-split evaluation")
     return p.parse_args(argv)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for the model card."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def seed_everything(seed: int) -> None:
@@ -266,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "history": state["history"],
             "train_seconds": round(state["train_seconds"], 1),
             "wall_seconds": round(time.time() - started, 1),
-            "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "hardware": {"machine": platform.machine(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
                          "cpu_threads": torch.get_num_threads(), "device": str(device),
                          "torch": torch.__version__, "python": platform.python_version()},
         },
