@@ -80,6 +80,11 @@ class MicroBatcher(Generic[T, R]):
         """Items waiting in the queue (not yet in a running batch)."""
         return len(self._queue)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`stop` was called: new submissions are refused."""
+        return self._closing
+
     def start(self) -> None:
         """Start the worker task on the running loop."""
         if self._task is None:

@@ -132,7 +132,11 @@ class SentimentService:
 
     # ---- request path -----------------------------------------------------------------------
     def require_ready(self) -> SentimentEngine:
-        if self.state is State.READY and self.engine is not None:
+        # While draining, requests that still arrive (load balancers take a moment to notice the
+        # 503 readiness) are served until the batcher closes; only then are they refused.
+        serving = self.state is State.READY or (self.state is State.DRAINING and self.batcher is not None
+                                                 and not self.batcher.closed)
+        if serving and self.engine is not None:
             return self.engine
         headers = {"Retry-After": "5"} if self.state in (State.LOADING, State.DRAINING) else None
         raise ApiError(503, f"not_ready_{self.state.value}", f"service is not ready: {self.detail}", headers=headers)

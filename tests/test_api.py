@@ -251,7 +251,13 @@ def test_draining_turns_readiness_503_and_finishes_accepted_work(make_client) ->
     service.begin_draining()
     r = client.get("/health/ready")
     assert r.status_code == 503 and r.json()["status"] == "draining"
-    assert client.post("/v1/predict", json={"texts": ["good"]}).status_code == 503
+    # Until the batcher closes, requests still routed here (load balancers lag) are served ...
+    assert client.post("/v1/predict", json={"texts": ["good"]}).status_code == 200
+    client.portal.call(service.batcher.stop)
+    # ... and once it has closed they are refused with a retryable 503.
+    r = client.post("/v1/predict", json={"texts": ["good"]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready_draining"
+    assert r.headers["Retry-After"] == "5"
 
 
 def test_openapi_documents_examples(client: TestClient) -> None:

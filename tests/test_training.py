@@ -68,6 +68,8 @@ def test_train_export_load_and_evaluate_end_to_end(tmp_path, capsys) -> None:
     assert card["metrics"]["test"]["n"] == 24 and 0 <= card["metrics"]["test"]["accuracy"] <= 1
     assert card["architecture"]["config"]["hidden_size"] == 8 and card["data"]["archive_sha256"]
     assert (ckpt / "last.pt").is_file()
+    lm = card["training"]["language_model_pretraining"]
+    assert [e["epoch"] for e in lm["epochs"]] == [1] and lm["epochs"][0]["perplexity"] > 1
 
     # TorchScript loaded with torch.jit.load alone gives the eager model's predictions.
     art = load_artifacts(out, "cpu")
@@ -104,3 +106,19 @@ def test_mismatched_or_corrupt_artifacts_are_refused(tiny_artifacts, tmp_path) -
     (tmp_path / "missing" / "vocab.json").unlink()
     with pytest.raises(ArtifactError, match="missing"):
         load_artifacts(tmp_path / "missing")
+
+
+def test_language_model_pretraining_learns_and_resumes_from_its_cache(tmp_path) -> None:
+    from training.pretrain import pretrain_language_model
+
+    torch.manual_seed(0)
+    model = SentimentLSTM(ModelConfig(vocab_size=12, embedding_dim=8, hidden_size=16))
+    texts = [[2, 3, 4, 5, 6, 7, 8, 9, 10, 11][: 4 + i % 7] for i in range(64)]  # one fixed word order
+    cache = tmp_path / "lm.pt"
+    first = pretrain_language_model(model, texts, 1, seed=0, device=torch.device("cpu"), cache_path=cache,
+                                    batch_size=8, lr=1e-2, dropout=0.0)
+    later = pretrain_language_model(model, texts, 15, seed=0, device=torch.device("cpu"), cache_path=cache,
+                                    batch_size=8, lr=1e-2, dropout=0.0)
+    ppl = [e["perplexity"] for e in later["epochs"]]
+    assert len(ppl) == 15 and ppl[0] == first["epochs"][0]["perplexity"]  # epoch 1 came from the cache
+    assert ppl[-1] < 2.0 < ppl[0]  # the sequence is deterministic, so the model should learn it

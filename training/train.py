@@ -2,7 +2,8 @@
 
     python -m training.train --data ../shared/data/aclImdb_v1.tar.gz --out model_artifacts
 
-Steps: tokenise (cached) → vocabulary from train + unsup → word2vec on train + unsup (cached) →
+Steps: tokenise (cached) → vocabulary from the training split → word2vec on train + unsup (cached) →
+language-model pre-training of embedding + LSTM on train + unsup (cached per epoch, see pretrain.py) →
 Adam on the labelled training split with early stopping on a validation split carved from train →
 TorchScript export → one evaluation on the full test split, written into the model card.
 Checkpoints are written every epoch; ``--resume`` continues an interrupted run, ``--init-from``
@@ -33,6 +34,7 @@ from training.data import length_batches, load_tokenized
 from training.evaluate import compute_metrics, predict_ids
 from training.export import export_artifacts, load_artifacts, resolve_device
 from training.model import ModelConfig, SentimentLSTM, pad_batch
+from training.pretrain import cache_key, pretrain_language_model
 from training.text import TokenizerSettings, Vocabulary
 
 
@@ -62,6 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--word-vectors", choices=["word2vec", "none"], default="word2vec",
                    help="initialise embeddings with word2vec trained on train + unsup")
     p.add_argument("--w2v-epochs", type=int, default=5)
+    p.add_argument("--lm-epochs", type=int, default=1,
+                   help="language-model pre-training epochs of embedding + LSTM on train + unsup (0: none)")
+    p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--max-train", type=int, default=None, help="use only this many training reviews (smoke runs)")
@@ -179,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_ids, train_labels = encode("train", train_idx)
     val_ids, val_labels = encode("train", val_idx)
 
+    lm_report = None
     if init:
         config = ModelConfig(**init.card["architecture"]["config"])
         model = SentimentLSTM(config)
@@ -191,6 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             matrix = word2vec_matrix(vocab, unsup_and_train, args.embedding_dim, args.w2v_epochs, args.seed,
                                      cache_dir, args.workers)
             model.embedding.weight.data.copy_(torch.from_numpy(matrix))
+        if args.lm_epochs > 0:
+            # The validation reviews stay out of pre-training too; test reviews are never read.
+            lm_texts = train_ids + [vocab.encode_tokens(t).ids for t in corpus.tokens["unsup"]]
+            init_digest = hashlib.sha256(model.embedding.weight.detach().numpy().tobytes()).hexdigest()
+            key = cache_key(vocab.itos, asdict(config), len(lm_texts), args.seed, init_digest)
+            lm_report = pretrain_language_model(model.to(device), lm_texts, args.lm_epochs, args.seed, device,
+                                                cache_dir / f"lm-{key}.pt", args.batch_size, args.lm_lr)
+            del lm_texts
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
@@ -273,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "training": {
             "args": {k: v for k, v in vars(args).items()},
             "init_from": init.card.get("version") if init else None,
+            "language_model_pretraining": lm_report,
             "epochs_run": state["epoch"],
             "best_epoch": max(state["history"], key=lambda h: h["val_accuracy"])["epoch"],
             "history": state["history"],
@@ -285,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": {"source": "Large Movie Review Dataset v1.0 (aclImdb, Maas et al. 2011)",
                  "archive_sha256": corpus.data_sha256,
                  "train_reviews": len(train_idx), "validation_reviews": len(val_idx),
-                 "unsup_reviews_for_word_vectors": len(corpus.tokens["unsup"]) if args.word_vectors != "none" else 0,
+                 "unsup_reviews_for_pretraining": len(corpus.tokens["unsup"])
+                 if (args.word_vectors != "none" or args.lm_epochs > 0) else 0,
                  "test_reviews": len(corpus.tokens["test"])},
         "metrics": {"validation": val},
         "baseline": {"tfidf_logistic_regression_test_accuracy": 0.906,
