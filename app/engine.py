@@ -40,6 +40,7 @@ class Score:
     probability: float
     num_tokens: int
     truncated: bool
+    total_tokens: int
     tokens: list[str] | None = None
     trace: list[float] | None = None
 
@@ -109,6 +110,7 @@ class SentimentEngine:
                     probability=last_list[row],
                     num_tokens=len(enc.ids),
                     truncated=enc.truncated,
+                    total_tokens=enc.total_tokens,
                     tokens=list(enc.tokens) if trace is not None else None,
                     trace=trace,
                 )

@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+import swagger_ui_bundle
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,7 +24,9 @@ from app.service import SentimentService
 from app.settings import Settings, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-KNOWN_ROUTES = {"/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/"}
+KNOWN_ROUTES = {"/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/", "/docs",
+                "/openapi.json"}
+PREFIX_ROUTES = ("/static/", "/docs-assets/")  # labelled by prefix to keep the metric's label set small
 
 
 class RequestTimer:
@@ -51,7 +55,8 @@ class RequestTimer:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = scope.get("path", "")
-            route = path if path in KNOWN_ROUTES else "other"
+            route = path if path in KNOWN_ROUTES else next(
+                (prefix.rstrip("/") for prefix in PREFIX_ROUTES if path.startswith(prefix)), "other")
             self.metrics.request_duration.labels(route=route, status=str(status["code"])).observe(
                 time.perf_counter() - started)
 
@@ -82,6 +87,7 @@ def create_app(settings: Settings | None = None,
             "batched dynamically. Ask for `trace: true` to get the model's running sentiment after every token."
         ),
         lifespan=lifespan,
+        docs_url=None,  # served below from local assets: deployments may have no internet for a CDN
     )
     app.state.service = service
     app.state.metrics = metrics
@@ -89,6 +95,15 @@ def create_app(settings: Settings | None = None,
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(RequestTimer, metrics=metrics)
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} — API docs",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

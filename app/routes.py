@@ -49,6 +49,7 @@ async def predict(body: PredictRequest, request: Request, response: Response) ->
                 probability=s.probability,
                 num_tokens=s.num_tokens,
                 truncated=s.truncated,
+                total_tokens=s.total_tokens,
                 trace=Trace(tokens=s.tokens, probabilities=s.trace) if s.trace is not None else None,
             )
             for s in scores
@@ -59,7 +60,8 @@ async def predict(body: PredictRequest, request: Request, response: Response) ->
 @router.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]}, tags=["model"],
             summary="Version, architecture, vocabulary, device and metrics of the loaded model")
 async def model_info(request: Request) -> ModelInfo:
-    engine = _service(request).require_ready()
+    service = _service(request)
+    engine = service.require_ready()
     card = engine.artifacts.card
     return ModelInfo(
         version=engine.version,
@@ -68,6 +70,7 @@ async def model_info(request: Request) -> ModelInfo:
         vocab_size=len(engine.artifacts.vocab),
         tokenizer=card.get("tokenizer", {}),
         max_tokens=engine.max_tokens,
+        limits={"max_texts": service.settings.max_texts, "max_text_chars": service.settings.max_text_chars},
         metrics=card.get("metrics", {}),
         training={k: card.get("training", {}).get(k) for k in ("train_seconds", "epochs_run", "best_epoch", "hardware")},
     )

@@ -33,6 +33,7 @@ class Prediction(BaseModel):
     probability: float = Field(..., ge=0, le=1, description="P(positive) at the last token")
     num_tokens: int = Field(..., description="tokens the model read (after truncation)")
     truncated: bool = Field(..., description="true when the start of the text was cut to fit the token limit")
+    total_tokens: int = Field(..., description="tokens in the whole text, before truncation")
     trace: Trace | None = Field(None, description="present when the request asked for it")
 
 
@@ -45,8 +46,10 @@ class PredictResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": {"version": "sentiment-lstm-20261123-2010", "device": "cpu"},
         "predictions": [
-            {"label": "positive", "probability": 0.97, "num_tokens": 16, "truncated": False, "trace": None},
-            {"label": "negative", "probability": 0.02, "num_tokens": 18, "truncated": False, "trace": None},
+            {"label": "positive", "probability": 0.97, "num_tokens": 16, "truncated": False, "total_tokens": 16,
+             "trace": None},
+            {"label": "negative", "probability": 0.02, "num_tokens": 18, "truncated": False, "total_tokens": 18,
+             "trace": None},
         ],
     }]})
 
@@ -61,6 +64,7 @@ class ModelInfo(BaseModel):
     vocab_size: int
     tokenizer: dict[str, Any]
     max_tokens: int = Field(..., description="truncation length applied by this service")
+    limits: dict[str, int] = Field(..., description="request limits in force (texts per request, characters per text)")
     metrics: dict[str, Any] = Field(..., description="validation and test metrics from the model card")
     training: dict[str, Any] = Field(default_factory=dict, description="time, hardware and epochs from the model card")
 

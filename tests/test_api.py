@@ -59,7 +59,7 @@ def test_predict_contract(client: TestClient) -> None:
     preds = body["predictions"]
     assert len(preds) == 3
     for p in preds:
-        assert set(p) == {"label", "probability", "num_tokens", "truncated", "trace"}
+        assert set(p) == {"label", "probability", "num_tokens", "truncated", "total_tokens", "trace"}
         assert 0 <= p["probability"] <= 1 and p["trace"] is None and p["truncated"] is False
         assert p["label"] == ("positive" if p["probability"] >= 0.5 else "negative")
     assert preds[2]["num_tokens"] == 5
@@ -85,6 +85,7 @@ def test_order_is_kept_and_padding_does_not_change_results(client: TestClient) -
 def test_truncation_is_reported(client: TestClient) -> None:
     p = client.post("/v1/predict", json={"texts": ["good " * 50 + "awful"], "trace": True}).json()["predictions"][0]
     assert p["truncated"] is True and p["num_tokens"] == 32  # the tiny model's limit
+    assert p["total_tokens"] == 51
     assert p["trace"]["tokens"][-1] == "awful"  # the end of the review is kept
 
 
@@ -92,6 +93,7 @@ def test_model_info_and_health(client: TestClient) -> None:
     info = client.get("/v1/model").json()
     assert info["version"] == "tiny-test" and info["device"] == "cpu"
     assert info["vocab_size"] == 14 and info["max_tokens"] == 32
+    assert info["limits"] == {"max_texts": 64, "max_text_chars": 20000}
     assert info["architecture"]["config"]["hidden_size"] == 12
     assert info["metrics"]["validation"]["accuracy"] == 0.5
     assert client.get("/health/live").json()["status"] == "alive"
@@ -265,7 +267,11 @@ def test_openapi_documents_examples(client: TestClient) -> None:
     predict = spec["paths"]["/v1/predict"]["post"]
     assert {"400", "413", "422", "503", "504"} <= set(predict["responses"])
     assert "examples" in json.dumps(spec["components"]["schemas"]["PredictRequest"])
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text  # works without internet
+    assert "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
 
 
 class RecordingEngine(SlowEngine):
