@@ -104,7 +104,7 @@ def pretrain_language_model(model: SentimentLSTM, id_lists: list[list[int]], epo
             n = float((lens - 1).sum())
             total += float(loss.detach()) * n
             tokens += n
-            bar.set_postfix(ppl=f"{torch.exp(torch.tensor(total / tokens)):.1f}")
+            bar.set_postfix(ppl=f"{torch.exp(torch.tensor(total / tokens)):.1f}", refresh=False)
         seconds = time.time() - t0
         history.append({"epoch": epoch, "perplexity": round(float(torch.exp(torch.tensor(total / tokens))), 2),
                         "tokens": int(tokens), "seconds": round(seconds, 1)})

@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seen += len(batch)
             correct += int(((last > 0).float() == y).sum())
             total_loss += float(loss.detach()) * len(batch)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
         epoch_seconds = time.time() - t0
         val = evaluate_split(model, val_ids, val_labels, device)
         scheduler.step(val["accuracy"])
