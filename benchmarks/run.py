@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+from training.train import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "wrk_post.lua"
 CONFIGS = {
@@ -155,7 +157,7 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
     def mean_ms(name: str, per: float) -> float:
         return 1000 * metric_delta(before, after, name) / per if per else 0.0
 
-    return {
+    row = {
         "concurrency": concurrency,
         "reviews_per_s": w["requests"] / (w["duration_us"] / 1e6),
         "p50_ms": w["p50_us"] / 1000, "p95_ms": w["p95_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
@@ -172,6 +174,11 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
             "batch_forward": mean_ms("sentiment_batch_duration_seconds_sum", batches),
         },
     }
+    # The rest of the server's time: HTTP parsing, validation, response serialisation, scheduling.
+    phases = row["phase_ms"]
+    phases["http_and_serialisation"] = max(0.0, phases["server_total"] - phases["tokenize"]
+                                           - phases["queue_wait"] - phases["batch_forward"])
+    return row
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
         "reviews": len(texts), "seconds_per_level": args.seconds, "concurrency": args.concurrency,
@@ -292,6 +299,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {r['concurrency']} | {r['reviews_per_s']:.1f} | {r['reviews_per_s'] / ceiling:.2f} | "
                   f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} |")
     print(f"| offline ceiling | – | {ceiling:.1f} | 1.00 | – | – | – | {args.offline_batch} |")
+    print()
+    print("Where a request's time goes (server-side means per request, ms):")
+    print("| config | clients | total | tokenise | queue wait | batch forward | HTTP + serialisation |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, rows in results["service"].items():
+        for r in rows:
+            ph = r["phase_ms"]
+            print(f"| {name} | {r['concurrency']} | {ph['server_total']:.1f} | {ph['tokenize']:.1f} | "
+                  f"{ph['queue_wait']:.1f} | {ph['batch_forward']:.1f} | {ph['http_and_serialisation']:.1f} |")
+    off = results["offline_ceiling"]
+    print(f"offline: tokenise {off['tokenize_ms_per_review']:.2f} ms/review, forward "
+          f"{off['forward_ms_per_review']:.2f} ms/review (batches of {args.offline_batch})")
     print()
     results["targets"] = [{"target": t, "value": round(v, 3), "goal": g, "met": ok} for t, v, g, ok in check_targets(results)]
     for t in results["targets"]:
