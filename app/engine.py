@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from training.export import Artifacts, load_artifacts
-from training.model import pad_batch
+from training.model import gate_trace, pad_batch
 from training.text import EncodedText, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,12 @@ class EmptyTextError(ValueError):
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """One text to score, already encoded; ``trace`` asks for the per-token probabilities."""
+    """One text to score, already encoded; ``trace`` asks for the per-token probabilities and
+    ``gates`` (which implies ``trace``) for the LSTM's gate activations after every token too."""
 
     encoded: EncodedText
     trace: bool = False
+    gates: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Score:
     total_tokens: int
     tokens: list[str] | None = None
     trace: list[float] | None = None
+    gates: dict[str, list[float]] | None = None
 
 
 class SentimentEngine:
@@ -55,6 +58,7 @@ class SentimentEngine:
         self.max_tokens = trained if max_tokens is None else min(max_tokens, trained)
         self.max_batch_tokens = max_batch_tokens
         self.forward_passes = 0
+        self._weights = {k: v.detach() for k, v in artifacts.model.state_dict().items()}  # for gate traces
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", **kwargs: Any) -> "SentimentEngine":
@@ -102,10 +106,10 @@ class SentimentEngine:
             last, steps = self.artifacts.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
             self.forward_passes += 1
             last_list = last.float().cpu().tolist()
-            steps_cpu = steps.float().cpu() if any(requests[i].trace for i in chunk) else None
+            steps_cpu = steps.float().cpu() if any(requests[i].trace or requests[i].gates for i in chunk) else None
             for row, i in enumerate(chunk):
-                enc = requests[i].encoded
-                trace = steps_cpu[row, : lengths[i]].tolist() if steps_cpu is not None and requests[i].trace else None
+                enc, wants_trace = requests[i].encoded, requests[i].trace or requests[i].gates
+                trace = steps_cpu[row, : lengths[i]].tolist() if steps_cpu is not None and wants_trace else None
                 scores[i] = Score(
                     probability=last_list[row],
                     num_tokens=len(enc.ids),
@@ -113,8 +117,14 @@ class SentimentEngine:
                     total_tokens=enc.total_tokens,
                     tokens=list(enc.tokens) if trace is not None else None,
                     trace=trace,
+                    gates=self._gates(enc.ids) if requests[i].gates else None,
                 )
         return scores  # type: ignore[return-value]
+
+    def _gates(self, ids: list[int]) -> dict[str, list[float]]:
+        """Gate activations and cell-state norm per token, by unrolling the model's own weights."""
+        g = gate_trace(self._weights, torch.tensor(ids, dtype=torch.long, device=self.device))
+        return {k: g[k].float().cpu().tolist() for k in ("input", "forget", "output", "cell_norm")}
 
     def predict_isolated(self, requests: Sequence[ScoreRequest]) -> list[Score | Exception]:
         """Like :meth:`predict`, but a failing batch is retried text by text so one bad item fails alone."""

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.schemas import ErrorResponse, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
+from app.schemas import ErrorResponse, GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
 from app.service import SentimentService, State
 
 router = APIRouter()
@@ -37,7 +37,8 @@ async def predict(body: PredictRequest, request: Request, response: Response) ->
     service = _service(request)
     service.metrics.requests_in_flight.inc()
     try:
-        engine, scores = await service.predict(body.texts, body.trace, lambda: _wait_for_disconnect(request))
+        engine, scores = await service.predict(body.texts, body.trace, lambda: _wait_for_disconnect(request),
+                                               gates=body.gates)
     finally:
         service.metrics.requests_in_flight.dec()
     response.headers["X-Model-Version"] = engine.version
@@ -50,7 +51,9 @@ async def predict(body: PredictRequest, request: Request, response: Response) ->
                 num_tokens=s.num_tokens,
                 truncated=s.truncated,
                 total_tokens=s.total_tokens,
-                trace=Trace(tokens=s.tokens, probabilities=s.trace) if s.trace is not None else None,
+                trace=Trace(tokens=s.tokens, probabilities=s.trace,
+                            gates=GateTrace(**s.gates) if s.gates is not None else None)
+                if s.trace is not None else None,
             )
             for s in scores
         ],

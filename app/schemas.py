@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EXAMPLE_TEXTS = [
     "A beautiful, moving film with a superb cast. I loved every minute of it.",
@@ -19,6 +19,24 @@ class PredictRequest(BaseModel):
 
     texts: list[str] = Field(..., min_length=1, description="reviews to score, in order")
     trace: bool = Field(False, description="also return the running probability after every token")
+    gates: bool = Field(False, description=(
+        "with trace: also return the top LSTM layer's mean input/forget/output gate activation and "
+        "cell-state norm after every token (recomputed step by step from the same weights; slower)"))
+
+    @model_validator(mode="after")
+    def _gates_need_trace(self) -> "PredictRequest":
+        if self.gates and not self.trace:
+            raise ValueError('"gates": true needs "trace": true')
+        return self
+
+
+class GateTrace(BaseModel):
+    """Inside the top LSTM layer after each token: mean gate activations (0–1) and the cell-state norm."""
+
+    input: list[float] = Field(..., description="how much of the new candidate is written into the cell")
+    forget: list[float] = Field(..., description="how much of the previous cell state is kept")
+    output: list[float] = Field(..., description="how much of the cell state is exposed as the hidden state")
+    cell_norm: list[float] = Field(..., description="L2 norm of the cell state (the LSTM's memory)")
 
 
 class Trace(BaseModel):
@@ -26,6 +44,7 @@ class Trace(BaseModel):
 
     tokens: list[str]
     probabilities: list[float]
+    gates: GateTrace | None = Field(None, description='present when the request asked for "gates": true')
 
 
 class Prediction(BaseModel):

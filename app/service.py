@@ -161,7 +161,8 @@ class SentimentService:
                 f"texts[{d['loc'][2]}]: {d['msg']}" for d in details[:5]), details)
 
     async def predict(self, texts: Sequence[str], trace: bool,
-                      disconnected: Callable[[], Awaitable[None]] | None = None) -> tuple[SentimentEngine, list[Score]]:
+                      disconnected: Callable[[], Awaitable[None]] | None = None,
+                      gates: bool = False) -> tuple[SentimentEngine, list[Score]]:
         """Tokenise off the loop, queue for a batch, wait with the request timeout and disconnect watch."""
         engine = self.require_ready()
         self.validate_texts(texts)
@@ -178,7 +179,7 @@ class SentimentService:
         except asyncio.TimeoutError as exc:
             raise ApiError(504, "timeout", "tokenisation did not finish within the request timeout") from exc
         self.metrics.tokenize_duration.observe(time.perf_counter() - started)
-        work = asyncio.ensure_future(self.batcher.submit_many([ScoreRequest(e, trace) for e in encoded]))
+        work = asyncio.ensure_future(self.batcher.submit_many([ScoreRequest(e, trace, gates) for e in encoded]))
         waiters: set[asyncio.Future] = {work}
         watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         if watcher is not None:

@@ -321,3 +321,18 @@ def test_client_disconnect_leaves_no_work_behind(make_client) -> None:
     time.sleep(0.4)  # give the batcher time to (not) run the abandoned text
     assert ["awful", "awful", "awful"] not in RecordingEngine.seen
     assert 'sentiment_errors_total{kind="client_disconnected"} 1.0' in client.get("/metrics").text
+
+
+def test_gate_trace_is_opt_in_and_consistent(client: TestClient) -> None:
+    plain = client.post("/v1/predict", json={"texts": TEXTS, "trace": True}).json()["predictions"]
+    assert all(p["trace"]["gates"] is None for p in plain)
+    r = client.post("/v1/predict", json={"texts": TEXTS, "trace": True, "gates": True})
+    assert r.status_code == 200, r.text
+    for p, q in zip(r.json()["predictions"], plain):
+        g = p["trace"]["gates"]
+        n = len(p["trace"]["tokens"])
+        assert {k: len(v) for k, v in g.items()} == {"input": n, "forget": n, "output": n, "cell_norm": n}
+        assert all(0 < v < 1 for k in ("input", "forget", "output") for v in g[k])
+        assert p["probability"] == pytest.approx(q["probability"], abs=1e-6)  # same answer, more detail
+    r = client.post("/v1/predict", json={"texts": TEXTS, "gates": True})
+    assert r.status_code == 422 and "trace" in r.json()["error"]["message"]

@@ -195,6 +195,23 @@ def test_keyboard_submit_long_review_shows_truncation(page, server: Server) -> N
     assert f"token {max_tokens} of {max_tokens}" in page.text_content("#tooltip")
 
 
+def test_gate_toggle_draws_the_lstm_gates(page, server: Server) -> None:
+    page.fill("#review", TYPED_REVIEW)
+    _analyze(page)
+    assert page.is_hidden("#gates-card")  # off by default: the plain trace is cheaper
+    page.focus("#gates-toggle")
+    page.keyboard.press("Space")  # the toggle is keyboard operable
+    assert page.is_checked("#gates-toggle")
+    _analyze(page)
+    assert page.get_attribute("body", "data-state") == "done", page.text_content("#error")
+    assert page.is_visible("#gates-card")
+    for key in ("input", "forget", "output", "cell_norm"):
+        assert page.locator(f"#gates-chart svg .gate-{key}").count() == 1
+    assert page.locator(".gates-legend-item").count() == 4
+    n = len(server.predict(TYPED_REVIEW).json()["predictions"][0]["trace"]["tokens"])
+    assert f"Over {n} tokens" in page.text_content("#gates-desc")
+
+
 def test_api_error_is_shown_in_words(page, server: Server) -> None:
     page.fill("#review", "   \n  ")
     _analyze(page)

@@ -73,3 +73,39 @@ def pad_batch(id_lists: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tenso
     for row, seq in enumerate(id_lists):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return ids, lengths
+
+
+@torch.no_grad()
+def gate_trace(state: dict[str, Tensor], ids: Tensor) -> dict[str, Tensor]:
+    """Unroll the LSTM of :class:`SentimentLSTM` step by step for one text, exposing its gates.
+
+    ``state`` is the model's ``state_dict()`` (eager or TorchScript: the same keys) and ``ids`` (T,)
+    one text's token ids. Every layer is recomputed with ``nn.LSTM``'s equations (gate order i, f, g,
+    o; both biases), so the returned ``probabilities`` equal the model's own trace; the gates are
+    those of the top layer, the one the head reads. Returns tensors of shape (T,):
+    ``input``, ``forget``, ``output`` (mean activation over hidden units after each token),
+    ``cell_norm`` (L2 norm of the cell state) and ``probabilities``.
+    """
+    x = state["embedding.weight"][ids]  # (T, E)
+    layers = sum(1 for k in state if k.startswith("lstm.weight_ih_l"))
+    steps = ids.size(0)
+    for layer in range(layers):
+        w_ih, w_hh = state[f"lstm.weight_ih_l{layer}"], state[f"lstm.weight_hh_l{layer}"]  # (4H, in), (4H, H)
+        pre = x @ w_ih.T + state[f"lstm.bias_ih_l{layer}"] + state[f"lstm.bias_hh_l{layer}"]  # (T, 4H)
+        hidden = w_hh.size(1)
+        h = x.new_zeros(hidden)
+        c = x.new_zeros(hidden)
+        outputs, gates, cell_norm = [], [], []
+        for t in range(steps):
+            i, f, g, o = (pre[t] + w_hh @ h).chunk(4)  # each (H,)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c = f * c + i * g
+            h = o * torch.tanh(c)
+            outputs.append(h)
+            gates.append(torch.stack([i.mean(), f.mean(), o.mean()]))
+            cell_norm.append(c.norm())
+        x = torch.stack(outputs)  # (T, H): the next layer's input
+    logits = x @ state["head.weight"].T + state["head.bias"]  # (T, 1)
+    g = torch.stack(gates)  # (T, 3)
+    return {"input": g[:, 0], "forget": g[:, 1], "output": g[:, 2], "cell_norm": torch.stack(cell_norm),
+            "probabilities": torch.sigmoid(logits.squeeze(-1))}

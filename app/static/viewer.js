@@ -150,7 +150,7 @@
         res = await fetch("v1/predict", {
           method: "POST",
           headers: { "Content-Type": "application/json", Accept: "application/json" },
-          body: JSON.stringify({ texts: [text], trace: true }),
+          body: JSON.stringify({ texts: [text], trace: true, gates: $("gates-toggle").checked }),
           signal: controller.signal,
         });
       } catch (err) {
@@ -222,7 +222,64 @@
 
     renderTokens(tokens, probs, prediction.truncated);
     renderChart();
+    renderGates(prediction.trace.gates);
     renderMoves(tokens, probs);
+  }
+
+  // ---- gate chart (only when the request asked for "gates": true) ------------------------------
+  const GATE_SERIES = [
+    { key: "input", label: "input gate", colour: "#2f7d32" },
+    { key: "forget", label: "forget gate", colour: "#6a3fb5" },
+    { key: "output", label: "output gate", colour: "#c46a00" },
+    { key: "cell_norm", label: "cell-state norm (scaled)", colour: "#1c2430", dash: "5 3" },
+  ];
+
+  function renderGates(gates) {
+    const card = $("gates-card");
+    card.hidden = !gates;
+    if (!gates) return;
+    const host = $("gates-chart");
+    const n = gates.input.length;
+    const w = Math.max(280, host.clientWidth || $("chart").clientWidth);
+    const h = w < 520 ? 170 : 210;
+    const m = { top: 12, right: 14, bottom: 30, left: 44 };
+    const pw = w - m.left - m.right;
+    const ph = h - m.top - m.bottom;
+    const x = (i) => m.left + (n === 1 ? pw / 2 : (i / (n - 1)) * pw);
+    const y = (v) => m.top + (1 - v) * ph;
+    const maxNorm = Math.max(...gates.cell_norm, 1e-9);
+    const svg = svgEl("svg", { viewBox: `0 0 ${w} ${h}`, width: w, height: h, role: "img",
+      "aria-labelledby": "gates-heading gates-desc" });
+    const mean = (a) => a.reduce((s, v) => s + v, 0) / a.length;
+    svgEl("desc", { id: "gates-desc" }, svg).textContent =
+      `Over ${n} tokens: mean input gate ${fmt(mean(gates.input))}, forget gate ${fmt(mean(gates.forget))}, ` +
+      `output gate ${fmt(mean(gates.output))}; cell-state norm from ${gates.cell_norm[0].toFixed(2)} to ` +
+      `${gates.cell_norm[n - 1].toFixed(2)} (largest ${maxNorm.toFixed(2)}).`;
+    const grid = svgEl("g", { class: "grid" }, svg);
+    const axis = svgEl("g", { class: "axis" }, svg);
+    for (const v of [0, 0.5, 1]) {
+      svgEl("line", { x1: m.left, x2: m.left + pw, y1: y(v), y2: y(v) }, grid);
+      svgEl("text", { x: m.left - 8, y: y(v) + 4, "text-anchor": "end" }, axis).textContent = String(v);
+    }
+    for (const t of xTicks(n, w < 520 ? 4 : 8)) {
+      svgEl("text", { x: x(t - 1), y: m.top + ph + 16, "text-anchor": "middle" }, axis).textContent = String(t);
+    }
+    const legend = $("gates-legend");
+    legend.replaceChildren();
+    for (const s of GATE_SERIES) {
+      const values = s.key === "cell_norm" ? gates.cell_norm.map((v) => v / maxNorm) : gates[s.key];
+      const d = values.map((v, i) => `${i ? "L" : "M"}${x(i).toFixed(2)},${y(v).toFixed(2)}`).join(" ");
+      svgEl("path", { d, fill: "none", stroke: s.colour, "stroke-width": 1.6,
+        "stroke-dasharray": s.dash || "none", class: `gate-line gate-${s.key}` }, svg);
+      const item = document.createElement("span");
+      item.className = "gates-legend-item";
+      const swatch = document.createElement("span");
+      swatch.className = "gates-swatch";
+      swatch.style.borderTop = `3px ${s.dash ? "dashed" : "solid"} ${s.colour}`;
+      item.append(swatch, document.createTextNode(s.key === "cell_norm" ? `${s.label}, max ${maxNorm.toFixed(2)}` : s.label));
+      legend.append(item);
+    }
+    host.replaceChildren(svg);
   }
 
   function summarise(tokens, probs, prediction, model, ms) {
@@ -615,6 +672,7 @@
         width = w;
         hideTooltip();
         renderChart();
+        renderGates(state.result.prediction.trace.gates);
       }
       width = w;
     }).observe($("chart"));
