@@ -49,8 +49,12 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             _count(request, "malformed_json")
-            where = errors[0].get("ctx", {}).get("error", "")
-            return error_response(400, "malformed_json", f"request body is not valid JSON {where}".strip())
+            error = next(e for e in errors if e.get("type") == "json_invalid")
+            reason = error.get("ctx", {}).get("error", "decode error")
+            position = error.get("loc", ("body", None))[-1]  # character offset where parsing failed
+            where = f" at character {position}" if isinstance(position, int) else ""
+            return error_response(400, "malformed_json", f"request body is not valid JSON: {reason}{where}",
+                                  [{"loc": ["body"], "msg": f"{reason}{where}"}])
         content_type = request.headers.get("content-type", "")
         if "json" not in content_type and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
             _count(request, "unsupported_media_type")

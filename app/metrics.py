@@ -26,10 +26,10 @@ class ServiceMetrics:
             "sentiment_queue_wait_seconds", "Time a text waited in the queue before its batch started.",
             buckets=LATENCY_BUCKETS, registry=r)
         self.batch_duration = Histogram(
-            "sentiment_batch_duration_seconds", "Model time per batch (padding, forward passes, copy-out).",
+            "sentiment_batch_duration_seconds", "Model-thread time per batch (tokenising, padding, forward passes, copy-out).",
             buckets=LATENCY_BUCKETS, registry=r)
         self.tokenize_duration = Histogram(
-            "sentiment_tokenize_duration_seconds", "Time to tokenise one request's texts.",
+            "sentiment_tokenize_duration_seconds", "Time to tokenise one batch's texts (on the model thread, before its forward pass).",
             buckets=LATENCY_BUCKETS, registry=r)
         self.texts = Counter("sentiment_texts", "Texts scored.", registry=r)
         self.tokens_per_text = Histogram(

@@ -13,13 +13,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from enum import Enum
 from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
 from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
-from app.engine import EmptyTextError, Score, ScoreRequest, SentimentEngine
+from app.engine import EmptyTextError, Score, SentimentEngine, TextRequest
 from app.errors import ApiError
 from app.metrics import ServiceMetrics
 from app.settings import Settings
@@ -44,12 +45,11 @@ class SentimentService:
         self.state = State.LOADING
         self.detail: str | None = "model is loading"
         self.engine: SentimentEngine | None = None
-        self.batcher: MicroBatcher[ScoreRequest, Score] | None = None
+        self.batcher: MicroBatcher[TextRequest, Score] | None = None
         self._engine_factory = engine_factory or self._load_engine
-        # One model thread: forward passes are serialised and torch uses its own intra-op threads.
+        # One model thread: each batch is tokenised and run there, off the event loop; torch uses its
+        # own intra-op threads for the forward pass.
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
-        # Tokenising holds the GIL; one thread keeps it off the event loop without contention.
-        self._tokenize_executor = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.metrics.ready.set_function(lambda: 1.0 if self.state is State.READY else 0.0)
 
@@ -80,7 +80,7 @@ class SentimentService:
             return
         self.engine = engine
         self.batcher = MicroBatcher(
-            engine.predict_isolated, self._model_executor,
+            partial(engine.score, on_tokenized=self.metrics.tokenize_duration.observe), self._model_executor,
             max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000,
             max_queue=self.settings.max_queue, on_batch=self._observe_batch)
         self.batcher.start()
@@ -103,7 +103,6 @@ class SentimentService:
         if self.batcher is not None:
             await self.batcher.stop(drain=True)
         self._model_executor.shutdown(wait=True)
-        self._tokenize_executor.shutdown(wait=True)
         log.info("shutdown complete")
 
     def install_sigterm_hook(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -163,41 +162,33 @@ class SentimentService:
     async def predict(self, texts: Sequence[str], trace: bool,
                       disconnected: Callable[[], Awaitable[None]] | None = None,
                       gates: bool = False) -> tuple[SentimentEngine, list[Score]]:
-        """Tokenise off the loop, queue for a batch, wait with the request timeout and disconnect watch."""
+        """Queue the texts for a batch (tokenised and scored on the model thread); wait with the
+        request timeout and a disconnect watch, so a caller who leaves leaves no work behind."""
         engine = self.require_ready()
         self.validate_texts(texts)
         assert self.batcher is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout_s
-        started = time.perf_counter()
-        try:
-            encoded = await asyncio.wait_for(
-                loop.run_in_executor(self._tokenize_executor, engine.encode, list(texts)),
-                self.settings.request_timeout_s)
-        except EmptyTextError as exc:
-            raise ApiError(422, "empty_text", str(exc)) from exc
-        except asyncio.TimeoutError as exc:
-            raise ApiError(504, "timeout", "tokenisation did not finish within the request timeout") from exc
-        self.metrics.tokenize_duration.observe(time.perf_counter() - started)
-        work = asyncio.ensure_future(self.batcher.submit_many([ScoreRequest(e, trace, gates) for e in encoded]))
+        work = asyncio.ensure_future(self.batcher.submit_many(
+            [TextRequest(text, trace, gates, i) for i, text in enumerate(texts)]))
         waiters: set[asyncio.Future] = {work}
         watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         if watcher is not None:
             waiters.add(watcher)
         try:
-            done, _ = await asyncio.wait(waiters, timeout=max(0.0, deadline - loop.time()),
+            done, _ = await asyncio.wait(waiters, timeout=self.settings.request_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             if watcher is not None:
                 watcher.cancel()
         if work not in done:
-            work.cancel()  # cancelled items are skipped by the batcher: no work left behind
+            work.cancel()  # a queued tokenising job is dropped; cancelled items are skipped by the batcher
             if watcher is not None and watcher in done:
                 raise ApiError(499, "client_disconnected", "client closed the connection before the answer")
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s; "
                            "the service is overloaded or the request too large", headers={"Retry-After": "1"})
         try:
             scores = work.result()
+        except EmptyTextError as exc:
+            raise ApiError(422, "empty_text", str(exc)) from exc
         except QueueFullError as exc:
             raise self._overloaded(exc) from exc
         except BatcherClosedError as exc:

@@ -132,6 +132,7 @@ def test_text_with_no_tokens_is_rejected(client: TestClient) -> None:
 def test_malformed_json_and_wrong_content_type(client: TestClient) -> None:
     r = client.post("/v1/predict", content=b'{"texts": ["unclosed"', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+    assert "at character 21" in r.json()["error"]["message"]  # says where parsing failed
     r = client.post("/v1/predict", content=b"texts=hello", headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
     assert client.get("/v1/nope").json()["error"]["code"] == "not_found"
