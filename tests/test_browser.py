@@ -242,11 +242,17 @@ def test_narrow_screen_has_no_horizontal_scroll(page, server: Server) -> None:
 
 
 def test_example_review_screenshot(page, server: Server, tmp_path: Path) -> None:
-    """Analyse the "change of heart" example and save a screenshot of the whole page.
+    """Analyse the "change of heart" example (or the review in the file named by
+    ``SENTIMENT_SCREENSHOT_REVIEW``) and save a screenshot of the whole page.
 
-    With the shipped model the screenshot is the README's (docs/screenshot.png)."""
+    With the shipped model and ``SENTIMENT_UPDATE_SCREENSHOT=1`` the screenshot is the README's
+    (docs/screenshot.png)."""
     page.wait_for_selector("#model-status[data-status=ready]")
-    page.click("[data-example=mixed]")
+    review = os.environ.get("SENTIMENT_SCREENSHOT_REVIEW")
+    if review:
+        page.fill("#review", Path(review).read_text(encoding="utf-8"))
+    else:
+        page.click("[data-example=mixed]")
     text = page.input_value("#review")
     assert text.strip()
     _analyze(page)
