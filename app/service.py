@@ -13,8 +13,8 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from enum import Enum
+from functools import partial
 from typing import Any, Awaitable, Callable, Sequence
 
 import torch
@@ -180,7 +180,7 @@ class SentimentService:
             if watcher is not None:
                 watcher.cancel()
         if work not in done:
-            work.cancel()  # a queued tokenising job is dropped; cancelled items are skipped by the batcher
+            work.cancel()  # cancelled items are skipped by the batcher: no work left behind
             if watcher is not None and watcher in done:
                 raise ApiError(499, "client_disconnected", "client closed the connection before the answer")
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s; "
