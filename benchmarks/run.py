@@ -157,6 +157,7 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
     def mean_ms(name: str, per: float) -> float:
         return 1000 * metric_delta(before, after, name) / per if per else 0.0
 
+    batch_tokenize = mean_ms("sentiment_tokenize_duration_seconds_sum", batches)
     row = {
         "concurrency": concurrency,
         "reviews_per_s": w["requests"] / (w["duration_us"] / 1e6),
@@ -170,9 +171,8 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
             "server_total": mean_ms(req_key.format("sum"), n_req),
             "queue_wait": mean_ms("sentiment_queue_wait_seconds_sum", metric_delta(
                 before, after, "sentiment_queue_wait_seconds_count")),
-            "batch_tokenize": mean_ms("sentiment_tokenize_duration_seconds_sum", batches),
-            "batch_forward": mean_ms("sentiment_batch_duration_seconds_sum", batches)
-            - mean_ms("sentiment_tokenize_duration_seconds_sum", batches),
+            "batch_tokenize": batch_tokenize,
+            "batch_forward": mean_ms("sentiment_batch_duration_seconds_sum", batches) - batch_tokenize,
         },
     }
     # The rest of the server's time: HTTP parsing, validation, response serialisation, scheduling.
