@@ -48,10 +48,10 @@ RUN set -eux; \
            "$torch_dir"/bin/protoc* "$torch_dir"/bin/*Test "$torch_dir"/bin/test_*; \
     python -c 'import torch, spacy, fastapi, uvicorn'  # still imports after pruning
 
-# The package itself (app + the training code serving imports) as a wheel: /opt/venv stays as it was,
-# so a code change does not copy the 1 GB venv into the runtime stage again.
+# The package itself (app + the sentiment core it imports; never training/) as a wheel: /opt/venv
+# stays as it was, so a code change does not copy the 1 GB venv into the runtime stage again.
 COPY app /src/app
-COPY training /src/training
+COPY sentiment /src/sentiment
 RUN pip wheel --no-deps --wheel-dir /wheels /src
 
 # ---- runtime: the venv, the model, a non-root user ---------------------------------------------------
@@ -68,7 +68,7 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /wheels /tmp/wheels
 RUN PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install --no-deps --no-index /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels \
-    && /opt/venv/bin/python -c 'import app.main'
+    && /opt/venv/bin/python -c 'import app.main, importlib.util as u; assert u.find_spec("training") is None'
 COPY --chown=app:app model_artifacts /app/model_artifacts
 
 ENV PATH=/opt/venv/bin:$PATH \

@@ -21,10 +21,12 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 log = logging.getLogger(__name__)
 
 
@@ -43,8 +45,13 @@ class _Pending(Generic[T]):
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-# process(items) → one result per item, each a value or an Exception for that item alone.
-ProcessFn = Callable[[list[Any]], Sequence[Any]]
+class BatchProcessor(Protocol[T_contra, R_co]):
+    """What the batcher runs on its executor: items → one result per item, in order, each a value or
+    the Exception for that item alone. (The service's is ``SentimentService.score_batch``.)"""
+
+    def __call__(self, items: list[T_contra]) -> Sequence[R_co | Exception]: ...
+
+
 BatchObserver = Callable[[int, list[float], float], None]  # (batch size, queue waits s, process s)
 
 
@@ -53,7 +60,7 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        process: ProcessFn,
+        process: BatchProcessor[T, R],
         executor: Executor,
         max_batch_size: int = 64,
         max_wait_s: float = 0.002,
@@ -73,7 +80,6 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task | None = None
         self._closing = False
         self._last_batch_size = 0
-        self.busy = False
 
     @property
     def depth(self) -> int:
@@ -90,12 +96,12 @@ class MicroBatcher(Generic[T, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
-    async def submit_many(self, items: Sequence[T]) -> list[R]:
-        """Queue ``items`` together and wait for their results, in order.
+    async def submit_many(self, items: Sequence[T]) -> list[R | Exception]:
+        """Queue ``items`` together and wait for their outcomes, in order: each a result or the
+        exception ``process`` gave for that item alone.
 
-        Raises :class:`QueueFullError` when they do not fit, :class:`BatcherClosedError` when
-        draining, or the exception ``process`` gave for one of the items. Cancelling the awaiting
-        task cancels the caller's items that have not started yet.
+        Raises :class:`QueueFullError` when they do not fit and :class:`BatcherClosedError` when
+        draining. Cancelling the awaiting task cancels the caller's items that have not started yet.
         """
         if self._closing:
             raise BatcherClosedError("the service is shutting down")
@@ -106,7 +112,7 @@ class MicroBatcher(Generic[T, R]):
         self._queue.extend(pending)
         self._wakeup.set()
         try:
-            return list(await asyncio.gather(*(p.future for p in pending)))
+            return list(await asyncio.gather(*(p.future for p in pending), return_exceptions=True))
         except BaseException:
             for p in pending:
                 p.future.cancel()  # no-op for finished ones; queued ones get skipped
@@ -163,7 +169,6 @@ class MicroBatcher(Generic[T, R]):
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
         started = time.perf_counter()
         waits = [started - p.enqueued for p in batch]
-        self.busy = True
         try:
             results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
             if len(results) != len(batch):
@@ -171,8 +176,6 @@ class MicroBatcher(Generic[T, R]):
         except Exception as exc:  # the whole batch failed: every caller hears why, none hangs
             log.exception("batch of %d items failed", len(batch))
             results = [exc] * len(batch)
-        finally:
-            self.busy = False
         elapsed = time.perf_counter() - started
         for p, result in zip(batch, results):
             if p.future.done():

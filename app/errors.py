@@ -1,8 +1,15 @@
-"""Errors the API reports, and their mapping to HTTP responses — in one place."""
+"""The API's error vocabulary and its mapping to HTTP responses, in one place.
+
+Every error the service answers with is one :class:`ErrorKind` below: a status, a stable ``code``,
+one message template and, for retryable ones, a ``Retry-After``. Every error body has the same
+shape, ``{"error": {"code", "message", "details"}}``, and every error is counted in
+``sentiment_errors_total{kind=<code>}``. The OpenAPI responses are built from this table too.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,67 +19,129 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
+# Retry-After policy (seconds): a loading or draining replica needs a few seconds (or another
+# replica); an overloaded queue frees up within a batch or two.
+RETRY_AFTER_NOT_READY_S = 5
+RETRY_AFTER_OVERLOADED_S = 1
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One entry of the vocabulary: ``template`` is filled with the fields given at the raise site."""
+
+    status: int
+    code: str
+    template: str
+    retry_after_s: int | None = None
+
+
+class Errors:
+    """Every error the API can return."""
+
+    MALFORMED_JSON = ErrorKind(400, "malformed_json", "request body is not valid JSON: {reason}")
+    NOT_FOUND = ErrorKind(404, "not_found", "{detail}")
+    METHOD_NOT_ALLOWED = ErrorKind(405, "method_not_allowed", "{detail}")
+    TOO_MANY_TEXTS = ErrorKind(413, "too_many_texts", "{count} texts in one request; the limit is {limit}")
+    TEXT_TOO_LONG = ErrorKind(413, "text_too_long", "{count} invalid text(s): {summary}")
+    UNSUPPORTED_MEDIA_TYPE = ErrorKind(
+        415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
+    INVALID_REQUEST = ErrorKind(422, "invalid_request", "invalid request: {summary}")
+    EMPTY_TEXT = ErrorKind(422, "empty_text", "{count} invalid text(s): {summary}")
+    CLIENT_DISCONNECTED = ErrorKind(499, "client_disconnected", "client closed the connection before the answer")
+    INTERNAL_ERROR = ErrorKind(500, "internal_error", "internal error; see the service log")
+    TEXT_FAILED = ErrorKind(500, "text_failed", "texts[{index}] could not be scored; see the service log")
+    NOT_READY_LOADING = ErrorKind(503, "not_ready_loading", "service is not ready: {detail}", RETRY_AFTER_NOT_READY_S)
+    NOT_READY_FAILED = ErrorKind(503, "not_ready_failed", "service is not ready: {detail}")
+    NOT_READY_DRAINING = ErrorKind(503, "not_ready_draining", "service is not ready: {detail}", RETRY_AFTER_NOT_READY_S)
+    OVERLOADED = ErrorKind(503, "overloaded", "service is overloaded: {reason}; retry shortly", RETRY_AFTER_OVERLOADED_S)
+    TIMEOUT = ErrorKind(504, "timeout", "no answer within {seconds:g}s; the service is overloaded or the request too large")
+
+    @classmethod
+    def all(cls) -> list[ErrorKind]:
+        return [v for v in vars(cls).values() if isinstance(v, ErrorKind)]
+
 
 class ApiError(Exception):
-    """An error with its HTTP status, a stable code and a message a client can act on."""
+    """An error of the vocabulary, with the fields its template needs and optional per-item details."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+    def __init__(self, kind: ErrorKind, details: list[dict[str, Any]] | None = None, **fields: Any) -> None:
+        self.kind = kind
+        self.message = kind.template.format(**fields)
         self.details = details or []
-        self.headers = headers
+        super().__init__(self.message)
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    @property
+    def code(self) -> str:
+        return self.kind.code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        headers = {"Retry-After": str(self.kind.retry_after_s)} if self.kind.retry_after_s is not None else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-def error_response(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details or []}}
-    return JSONResponse(body, status_code=status, headers=headers)
+def openapi_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the given statuses, each listing the codes it can carry."""
+    from app.schemas import ErrorResponse  # schemas import nothing from here; avoid a cycle at import
+
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        codes = [k.code for k in Errors.all() if k.status == status]
+        retry = any(k.retry_after_s is not None for k in Errors.all() if k.status == status)
+        out[status] = {"model": ErrorResponse,
+                       "description": "error codes: " + ", ".join(codes) + ("; see Retry-After" if retry else "")}
+    return out
 
 
-def _count(request: Request, kind: str) -> None:
+def _count(request: Request, code: str) -> None:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
-        metrics.errors.labels(kind=kind).inc()
+        metrics.errors.labels(kind=code).inc()
+
+
+def _from_validation(request: Request, exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    invalid_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if invalid_json is not None:
+        reason = invalid_json.get("ctx", {}).get("error", "decode error")
+        position = invalid_json.get("loc", ("body", None))[-1]  # character offset where parsing failed
+        where = f" at character {position}" if isinstance(position, int) else ""
+        return ApiError(Errors.MALFORMED_JSON, [{"loc": ["body"], "msg": f"{reason}{where}"}], reason=f"{reason}{where}")
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return ApiError(Errors.UNSUPPORTED_MEDIA_TYPE, content_type=content_type)
+    details = [{"loc": [str(x) if not isinstance(x, int) else x for x in e.get("loc", ())],
+                "msg": e.get("msg", "invalid")} for e in errors]
+    summary = "; ".join(f"{'.'.join(str(x) for x in d['loc'])}: {d['msg']}" for d in details[:5])
+    return ApiError(Errors.INVALID_REQUEST, details, summary=summary)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Give every error the same JSON shape: ``{"error": {"code", "message", "details"}}``."""
+    """Turn every exception into a vocabulary error: same body shape, counted once."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         _count(request, exc.code)
-        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            _count(request, "malformed_json")
-            error = next(e for e in errors if e.get("type") == "json_invalid")
-            reason = error.get("ctx", {}).get("error", "decode error")
-            position = error.get("loc", ("body", None))[-1]  # character offset where parsing failed
-            where = f" at character {position}" if isinstance(position, int) else ""
-            return error_response(400, "malformed_json", f"request body is not valid JSON: {reason}{where}",
-                                  [{"loc": ["body"], "msg": f"{reason}{where}"}])
-        content_type = request.headers.get("content-type", "")
-        if "json" not in content_type and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
-            _count(request, "unsupported_media_type")
-            return error_response(415, "unsupported_media_type",
-                                  f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
-        details = [{"loc": [str(x) if not isinstance(x, int) else x for x in e.get("loc", ())],
-                    "msg": e.get("msg", "invalid")} for e in errors]
-        summary = "; ".join(f"{'.'.join(str(x) for x in d['loc'])}: {d['msg']}" for d in details[:5])
-        _count(request, "invalid_request")
-        return error_response(422, "invalid_request", f"invalid request: {summary}", details)
+        return await _api_error(request, _from_validation(request, exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        kind = {404: Errors.NOT_FOUND, 405: Errors.METHOD_NOT_ALLOWED}.get(exc.status_code)
+        if kind is None:  # Starlette raises no other status for this app; keep the shape regardless
+            kind = ErrorKind(exc.status_code, "http_error", "{detail}")
+        response = await _api_error(request, ApiError(kind, detail=str(exc.detail)))
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        _count(request, "internal_error")
-        return error_response(500, "internal_error", "internal error; see the service log")
+        return await _api_error(request, ApiError(Errors.INTERNAL_ERROR))

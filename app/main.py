@@ -16,12 +16,12 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.engine import SentimentEngine
 from app.errors import install_error_handlers
 from app.metrics import ServiceMetrics
 from app.routes import router
 from app.service import SentimentService
 from app.settings import Settings, get_settings
+from sentiment.engine import SentimentEngine
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 KNOWN_ROUTES = {"/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/", "/docs",

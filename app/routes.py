@@ -6,19 +6,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.schemas import ErrorResponse, GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
+from app.errors import openapi_responses
+from app.schemas import GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
 from app.service import SentimentService, State
+from sentiment import LABEL_THRESHOLD
 
 router = APIRouter()
-
-ERRORS = {
-    400: {"model": ErrorResponse, "description": "malformed JSON"},
-    413: {"model": ErrorResponse, "description": "too many texts, or a text too long"},
-    422: {"model": ErrorResponse, "description": "invalid request (missing field, wrong type, empty text)"},
-    499: {"model": ErrorResponse, "description": "client disconnected (logged only; the client is gone)"},
-    503: {"model": ErrorResponse, "description": "not ready (loading, failed, draining) or overloaded; see Retry-After"},
-    504: {"model": ErrorResponse, "description": "no answer within the request timeout"},
-}
 
 
 def _service(request: Request) -> SentimentService:
@@ -31,7 +24,8 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"],
+@router.post("/v1/predict", response_model=PredictResponse, tags=["predict"],
+             responses=openapi_responses(400, 413, 415, 422, 499, 500, 503, 504),
              summary="Probability of positive sentiment for each text, with an optional per-token trace")
 async def predict(body: PredictRequest, request: Request, response: Response) -> PredictResponse:
     service = _service(request)
@@ -46,7 +40,7 @@ async def predict(body: PredictRequest, request: Request, response: Response) ->
         model=ModelRef(version=engine.version, device=str(engine.device)),
         predictions=[
             Prediction(
-                label="positive" if s.probability >= 0.5 else "negative",
+                label="positive" if s.probability >= LABEL_THRESHOLD else "negative",
                 probability=s.probability,
                 num_tokens=s.num_tokens,
                 truncated=s.truncated,
@@ -60,7 +54,7 @@ async def predict(body: PredictRequest, request: Request, response: Response) ->
     )
 
 
-@router.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]}, tags=["model"],
+@router.get("/v1/model", response_model=ModelInfo, responses=openapi_responses(503), tags=["model"],
             summary="Version, architecture, vocabulary, device and metrics of the loaded model")
 async def model_info(request: Request) -> ModelInfo:
     service = _service(request)
@@ -71,7 +65,8 @@ async def model_info(request: Request) -> ModelInfo:
         device=str(engine.device),
         architecture=card.get("architecture", {}),
         vocab_size=len(engine.artifacts.vocab),
-        tokenizer=card.get("tokenizer", {}),
+        # The truncation length in force is max_tokens below; the card's trained value is its ceiling.
+        tokenizer={k: v for k, v in card.get("tokenizer", {}).items() if k != "max_tokens"},
         max_tokens=engine.max_tokens,
         limits={"max_texts": service.settings.max_texts, "max_text_chars": service.settings.max_text_chars},
         metrics=card.get("metrics", {}),

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sentiment import LABEL_THRESHOLD
+
 EXAMPLE_TEXTS = [
     "A beautiful, moving film with a superb cast. I loved every minute of it.",
     "Two hours of my life I will never get back. The plot made no sense at all.",
@@ -48,7 +50,7 @@ class Trace(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: Literal["positive", "negative"] = Field(..., description="positive when probability >= 0.5")
+    label: Literal["positive", "negative"] = Field(..., description=f"positive when probability >= {LABEL_THRESHOLD}")
     probability: float = Field(..., ge=0, le=1, description="P(positive) at the last token")
     num_tokens: int = Field(..., description="tokens the model read (after truncation)")
     truncated: bool = Field(..., description="true when the start of the text was cut to fit the token limit")

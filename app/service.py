@@ -1,7 +1,17 @@
 """The service's life cycle and request path: load → warm up → ready → serve → drain.
 
-Ties the engine (tensors), the batcher (asyncio) and the metrics together; the routes only
-translate HTTP to calls on :class:`SentimentService` and back.
+How one review flows to its probability:
+
+    routes.predict (HTTP → PredictRequest)
+      → SentimentService.predict   validate limits, one ScoreRequest per text, wait with timeout
+      → MicroBatcher.submit_many   queue; the worker gathers a batch from concurrent callers
+      → SentimentService.score_batch   on the model thread
+      → SentimentEngine.score      text → tokens → ids (sentiment.text), length-bucketed passes
+      → SentimentLSTM (TorchScript) (B, T) ids → (B,) last-token probability, (B, T) trace
+      → back to each caller's future → routes.predict shapes the JSON response
+
+The engine knows tensors, the batcher knows asyncio, the routes know HTTP; this module ties them
+together with the metrics and the readiness state.
 """
 
 from __future__ import annotations
@@ -14,16 +24,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from functools import partial
 from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
 from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
-from app.engine import EmptyTextError, Score, SentimentEngine, TextRequest
-from app.errors import ApiError
+from app.errors import ApiError, Errors
 from app.metrics import ServiceMetrics
 from app.settings import Settings
+from sentiment.engine import EmptyTextError, Score, ScoreRequest, SentimentEngine
 
 log = logging.getLogger("app")
 
@@ -45,7 +54,7 @@ class SentimentService:
         self.state = State.LOADING
         self.detail: str | None = "model is loading"
         self.engine: SentimentEngine | None = None
-        self.batcher: MicroBatcher[TextRequest, Score] | None = None
+        self.batcher: MicroBatcher[ScoreRequest, Score] | None = None
         self._engine_factory = engine_factory or self._load_engine
         # One model thread: each batch is tokenised and run there, off the event loop; torch uses its
         # own intra-op threads for the forward pass.
@@ -80,7 +89,7 @@ class SentimentService:
             return
         self.engine = engine
         self.batcher = MicroBatcher(
-            partial(engine.score, on_tokenized=self.metrics.tokenize_duration.observe), self._model_executor,
+            self.score_batch, self._model_executor,
             max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000,
             max_queue=self.settings.max_queue, on_batch=self._observe_batch)
         self.batcher.start()
@@ -137,27 +146,38 @@ class SentimentService:
                                                  and not self.batcher.closed)
         if serving and self.engine is not None:
             return self.engine
-        headers = {"Retry-After": "5"} if self.state in (State.LOADING, State.DRAINING) else None
-        raise ApiError(503, f"not_ready_{self.state.value}", f"service is not ready: {self.detail}", headers=headers)
+        kind = {State.LOADING: Errors.NOT_READY_LOADING, State.FAILED: Errors.NOT_READY_FAILED}.get(
+            self.state, Errors.NOT_READY_DRAINING)
+        raise ApiError(kind, detail=self.detail)
 
     def validate_texts(self, texts: Sequence[str]) -> None:
         """Per-request limits from settings; each problem names the text it is about."""
         s = self.settings
         if len(texts) > s.max_texts:
-            raise ApiError(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is {s.max_texts}",
-                           [{"loc": ["body", "texts"], "msg": f"at most {s.max_texts} texts per request"}])
+            raise ApiError(Errors.TOO_MANY_TEXTS, [{"loc": ["body", "texts"], "msg": f"at most {s.max_texts} texts per request"}],
+                           count=len(texts), limit=s.max_texts)
         problems = []
         for i, text in enumerate(texts):
             if len(text) > s.max_text_chars:
-                problems.append((413, "text_too_long", {"loc": ["body", "texts", i],
-                                 "msg": f"text has {len(text)} characters; the limit is {s.max_text_chars}"}))
+                problems.append((Errors.TEXT_TOO_LONG, i, f"text has {len(text)} characters; the limit is {s.max_text_chars}"))
             elif not text.strip():
-                problems.append((422, "empty_text", {"loc": ["body", "texts", i], "msg": "text is empty or whitespace"}))
+                problems.append((Errors.EMPTY_TEXT, i, "text is empty or whitespace"))
         if problems:
-            status, code, _ = problems[0]
-            details = [p[2] for p in problems]
-            raise ApiError(status, code, f"{len(problems)} invalid text(s): " + "; ".join(
-                f"texts[{d['loc'][2]}]: {d['msg']}" for d in details[:5]), details)
+            raise self._text_problems(problems)
+
+    @staticmethod
+    def _text_problems(problems: list[tuple[Any, int, str]]) -> ApiError:
+        """One error for a request's invalid texts: the first problem's kind, every text named."""
+        details = [{"loc": ["body", "texts", i], "msg": msg} for _, i, msg in problems]
+        summary = "; ".join(f"texts[{i}]: {msg}" for _, i, msg in problems[:5])
+        return ApiError(problems[0][0], details, count=len(problems), summary=summary)
+
+    def score_batch(self, requests: list[ScoreRequest]) -> list[Score | Exception]:
+        """The batcher's processor, run on the model thread: one engine call per batch."""
+        assert self.engine is not None
+        batch = self.engine.score(requests)
+        self.metrics.tokenize_duration.observe(batch.tokenize_seconds)
+        return batch.results
 
     async def predict(self, texts: Sequence[str], trace: bool,
                       disconnected: Callable[[], Awaitable[None]] | None = None,
@@ -167,8 +187,7 @@ class SentimentService:
         engine = self.require_ready()
         self.validate_texts(texts)
         assert self.batcher is not None
-        work = asyncio.ensure_future(self.batcher.submit_many(
-            [TextRequest(text, trace, gates, i) for i, text in enumerate(texts)]))
+        work = asyncio.ensure_future(self.batcher.submit_many([ScoreRequest(text, trace, gates) for text in texts]))
         waiters: set[asyncio.Future] = {work}
         watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         if watcher is not None:
@@ -182,17 +201,15 @@ class SentimentService:
         if work not in done:
             work.cancel()  # cancelled items are skipped by the batcher: no work left behind
             if watcher is not None and watcher in done:
-                raise ApiError(499, "client_disconnected", "client closed the connection before the answer")
-            raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s; "
-                           "the service is overloaded or the request too large", headers={"Retry-After": "1"})
+                raise ApiError(Errors.CLIENT_DISCONNECTED)
+            raise ApiError(Errors.TIMEOUT, seconds=self.settings.request_timeout_s)
         try:
-            scores = work.result()
-        except EmptyTextError as exc:
-            raise ApiError(422, "empty_text", str(exc)) from exc
+            outcomes = work.result()
         except QueueFullError as exc:
-            raise self._overloaded(exc) from exc
+            raise ApiError(Errors.OVERLOADED, reason=str(exc)) from exc
         except BatcherClosedError as exc:
-            raise ApiError(503, "not_ready_draining", str(exc), headers={"Retry-After": "5"}) from exc
+            raise ApiError(Errors.NOT_READY_DRAINING, detail=str(exc)) from exc
+        scores = self._scores_or_error(outcomes)
         self.metrics.texts.inc(len(scores))
         for s in scores:
             self.metrics.tokens_per_text.observe(s.num_tokens)
@@ -200,8 +217,18 @@ class SentimentService:
                 self.metrics.truncated.inc()
         return engine, scores
 
-    def _overloaded(self, exc: Exception) -> ApiError:
-        return ApiError(503, "overloaded", f"service is overloaded: {exc}; retry shortly", headers={"Retry-After": "1"})
+    def _scores_or_error(self, outcomes: list[Score | Exception]) -> list[Score]:
+        """The scores, or one error naming every text that could not be scored."""
+        problems = []
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, EmptyTextError):
+                problems.append((Errors.EMPTY_TEXT, i, "text contains no tokens after cleaning"))
+            elif isinstance(outcome, BaseException):
+                log.error("texts[%d] failed: %s: %s", i, type(outcome).__name__, outcome)
+                raise ApiError(Errors.TEXT_FAILED, index=i) from outcome
+        if problems:
+            raise self._text_problems(problems)
+        return outcomes  # type: ignore[return-value]
 
     def _observe_batch(self, size: int, waits: list[float], seconds: float) -> None:
         self.metrics.batch_size.observe(size)

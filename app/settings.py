@@ -1,11 +1,17 @@
-"""Service configuration: one pydantic-settings object read from ``SENTIMENT_*`` environment variables."""
+"""Service configuration: one pydantic-settings object read from ``SENTIMENT_*`` environment variables.
+
+Every setting of the service and of ``python -m app`` lives here, with its default and limits, and
+the relations between settings are checked together at start-up, so a bad combination fails fast
+with a message that names the variables.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ARTIFACTS = Path(__file__).resolve().parent.parent / "model_artifacts"
@@ -16,19 +22,35 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SENTIMENT_", extra="ignore")
 
+    # Model
     artifacts_dir: Path = Field(DEFAULT_ARTIFACTS, description="directory with model.pt, vocab.json, model_card.json")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    max_tokens: int | None = Field(None, ge=1, description="truncation length; default and ceiling: the model's")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    warmup: bool = Field(True, description="run warm-up passes before reporting ready")
+    # Batching
     max_batch_size: int = Field(64, ge=1, description="most texts in one batch (1 turns batching off)")
     max_batch_tokens: int = Field(16_384, ge=1, description="most padded tokens in one forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a batch waits to fill under concurrent load")
     max_queue: int = Field(1024, ge=1, description="most texts waiting; beyond it requests get 503")
+    # Request limits
     max_texts: int = Field(64, ge=1, description="most texts in one request")
     max_text_chars: int = Field(20_000, ge=1, description="longest text accepted, in characters")
-    max_tokens: int | None = Field(None, ge=1, description="truncation length; default and ceiling: the model's")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    # Process (python -m app)
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn and service log level")
+    graceful_timeout_s: float = Field(30.0, gt=0, description="after SIGTERM, longest wait for in-flight requests")
     shutdown_delay_s: float = Field(0.0, ge=0, description="after SIGTERM, report not-ready this long before closing")
-    warmup: bool = Field(True, description="run warm-up passes before reporting ready")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.max_queue < self.max_texts:
+            raise ValueError(f"SENTIMENT_MAX_QUEUE ({self.max_queue}) must hold at least one full request "
+                             f"(SENTIMENT_MAX_TEXTS = {self.max_texts})")
+        return self
 
 
 @lru_cache

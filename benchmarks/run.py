@@ -21,14 +21,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from training.train import cpu_model
+from app.process import ServiceProcess
+from sentiment.artifacts import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "wrk_post.lua"
@@ -39,7 +39,7 @@ CONFIGS = {
 
 
 def load_reviews(source: str, n: int, seed: int) -> list[str]:
-    from training.data import read_imdb
+    from sentiment.imdb import read_imdb
 
     reviews = read_imdb(source, ("test",))["test"]
     random.Random(seed).shuffle(reviews)
@@ -47,8 +47,9 @@ def load_reviews(source: str, n: int, seed: int) -> list[str]:
 
 
 def offline_ceiling(artifacts: Path, texts: list[str], batch_size: int, repeats: int = 2) -> dict[str, float]:
-    """Tokenise and score ``texts`` in-process, ``batch_size`` at a time: the best the model can do here."""
-    from app.engine import ScoreRequest, SentimentEngine
+    """Score ``texts`` in-process through the engine's one entry (the service's own scoring path),
+    ``batch_size`` at a time, no HTTP: the best the model can do here."""
+    from sentiment.engine import ScoreRequest, SentimentEngine
 
     engine = SentimentEngine.load(artifacts, "auto")
     engine.warm_up()
@@ -57,12 +58,9 @@ def offline_ceiling(artifacts: Path, texts: list[str], batch_size: int, repeats:
         t0 = time.perf_counter()
         tokenize = forward = 0.0
         for i in range(0, len(texts), batch_size):
-            a = time.perf_counter()
-            encoded = engine.encode(texts[i : i + batch_size])
-            b = time.perf_counter()
-            engine.predict([ScoreRequest(e) for e in encoded])
-            forward += time.perf_counter() - b
-            tokenize += b - a
+            batch = engine.score([ScoreRequest(t) for t in texts[i : i + batch_size]])
+            tokenize += batch.tokenize_seconds
+            forward += batch.forward_seconds
         total = time.perf_counter() - t0
         if not best or total < best["seconds"]:
             best = {"seconds": total, "reviews_per_s": len(texts) / total,
@@ -106,34 +104,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-class Server:
-    """``python -m app`` in a subprocess with extra environment settings."""
+class Server(ServiceProcess):
+    """The service under load, with a reader for its ``/metrics``."""
 
     def __init__(self, artifacts: Path, env: dict[str, str], port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        environ = {**os.environ, "SENTIMENT_ARTIFACTS_DIR": str(artifacts), "SENTIMENT_PORT": str(port), **env}
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "app", "--log-level", "warning"], cwd=REPO,
-                                     env=environ, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read().decode()[-2000:]}")
-            try:
-                if httpx.get(self.base + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
+        super().__init__(artifacts, env, port)
+        self.base = self.base_url
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(httpx.get(self.base + "/metrics", timeout=10).text)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
 
 
 def run_wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict[str, Any]:

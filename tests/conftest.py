@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import io
-import socket
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.export import export_artifacts
-from training.model import ModelConfig, SentimentLSTM
-from training.text import TokenizerSettings, Vocabulary
+from app.process import free_port  # noqa: F401 (re-exported for tests)
+from sentiment.artifacts import export_artifacts
+from sentiment.model import ModelConfig, SentimentLSTM
+from sentiment.text import TokenizerSettings, Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "model_artifacts"
@@ -37,12 +37,6 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def shipped_available() -> bool:
     return (SHIPPED / "model.pt").is_file() and (SHIPPED / "model_card.json").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_fake_imdb(root: Path, n_per_class: int = 12, as_archive: bool = True) -> Path:

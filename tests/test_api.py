@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.engine import SentimentEngine
 from app.main import create_app
 from app.settings import Settings
+from sentiment.engine import SentimentEngine
 
 TEXTS = ["A great film, good and great!", "An awful movie. Bad, bad, bad.", "the film was a movie"]
 
@@ -172,9 +172,9 @@ class SlowEngine(SentimentEngine):
 
     delay = 0.3
 
-    def predict(self, requests):
+    def _forward(self, encoded, requests):
         time.sleep(self.delay)
-        return super().predict(requests)
+        return super()._forward(encoded, requests)
 
 
 def slow_factory(settings: Settings) -> SentimentEngine:
@@ -182,7 +182,7 @@ def slow_factory(settings: Settings) -> SentimentEngine:
 
 
 def test_overload_is_shed_with_503_and_retry_after(make_client) -> None:
-    client = make_client(slow_factory, max_queue=4, max_batch_size=2, warmup=False)
+    client = make_client(slow_factory, max_queue=4, max_texts=4, max_batch_size=2, warmup=False)
     with ThreadPoolExecutor(24) as pool:
         responses = list(pool.map(lambda i: client.post("/v1/predict", json={"texts": ["good film"]}), range(24)))
     statuses = [r.status_code for r in responses]
@@ -280,9 +280,9 @@ class RecordingEngine(SlowEngine):
 
     seen: list[list[str]] = []
 
-    def predict(self, requests):
-        RecordingEngine.seen.extend(r.encoded.tokens for r in requests)
-        return super().predict(requests)
+    def _forward(self, encoded, requests):
+        RecordingEngine.seen.extend(e.tokens for e in encoded)
+        return super()._forward(encoded, requests)
 
 
 def test_client_disconnect_leaves_no_work_behind(make_client) -> None:
@@ -337,3 +337,8 @@ def test_gate_trace_is_opt_in_and_consistent(client: TestClient) -> None:
         assert p["probability"] == pytest.approx(q["probability"], abs=1e-6)  # same answer, more detail
     r = client.post("/v1/predict", json={"texts": TEXTS, "gates": True})
     assert r.status_code == 422 and "trace" in r.json()["error"]["message"]
+
+
+def test_settings_that_contradict_each_other_fail_fast(tiny_artifacts: Path) -> None:
+    with pytest.raises(ValueError, match="SENTIMENT_MAX_QUEUE"):
+        Settings(artifacts_dir=tiny_artifacts, max_queue=8, max_texts=16)

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+
+from app.process import ServiceProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -62,54 +60,26 @@ def browser() -> Iterator[object]:
 
 def _tiny_artifacts(out: Path) -> Path:
     """An untrained model over a five-word vocabulary: enough to exercise the page."""
-    from training.export import export_artifacts
-    from training.model import ModelConfig, SentimentLSTM
-    from training.text import TokenizerSettings, Vocabulary
+    from sentiment.artifacts import export_artifacts
+    from sentiment.model import ModelConfig, SentimentLSTM
+    from sentiment.text import TokenizerSettings, Vocabulary
 
     vocab = Vocabulary.build([["good", "bad", "movie", "great", "awful"]], TokenizerSettings(max_tokens=50), min_freq=1)
     model = SentimentLSTM(ModelConfig(len(vocab), 8, 8))
     return export_artifacts(model, vocab, {"version": "tiny-test", "metrics": {}}, out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(browser: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """``python -m uvicorn app.main:app`` on a free port, once ``/health/ready`` answers 200."""
+    """The real service (``python -m app``) on a free port, once ``/health/ready`` answers 200."""
     shipped = (SHIPPED_ARTIFACTS / "model.pt").is_file()
     artifacts = SHIPPED_ARTIFACTS if shipped else _tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("uvicorn") / "uvicorn.log"
-    env = {**os.environ, "SENTIMENT_ARTIFACTS_DIR": str(artifacts), "SENTIMENT_TORCH_THREADS": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not ready within {READY_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield Server(url, shipped)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        process = ServiceProcess(artifacts, {"SENTIMENT_TORCH_THREADS": "1"}, ready_timeout_s=READY_TIMEOUT_S)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    with process:
+        yield Server(process.base_url, shipped)
 
 
 @pytest.fixture

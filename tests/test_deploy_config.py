@@ -109,10 +109,10 @@ def test_dockerignore_keeps_data_checkpoints_and_caches_out() -> None:
     patterns = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
                 if l.strip() and not l.startswith("#")]
     for path in [".git/config", ".cache/tokens-1.pkl", "checkpoints/epoch3.pt", "runs/train_v1.log",
-                 "data/aclImdb_v1.tar.gz", "training/checkpoints/last.pt", "app/__pycache__/main.cpython-311.pyc",
+                 "data/aclImdb_v1.tar.gz", "training/train.py", "training/checkpoints/last.pt", "app/__pycache__/main.cpython-311.pyc",
                  ".venv/bin/python", "benchmarks/results/run.json", "tests/test_api.py", "notes.ipynb"]:
         assert dockerignored(path, patterns), f"{path} would be sent to the build"
-    for path in ["pyproject.toml", "app/main.py", "app/static/index.html", "training/text.py",
+    for path in ["pyproject.toml", "app/main.py", "app/static/index.html", "sentiment/text.py",
                  "model_artifacts/model.pt", "model_artifacts/vocab.json", "model_artifacts/model_card.json"]:
         assert not dockerignored(path, patterns), f"{path} is needed by the build but ignored"
 

@@ -1,4 +1,4 @@
-"""The engine's forward passes: length-bucketed, within the token budget, and invisible in the results."""
+"""The engine's one scoring entry: raw texts in, one result or one error per text out."""
 
 from __future__ import annotations
 
@@ -6,34 +6,50 @@ import random
 
 import pytest
 
-from app.engine import MIN_PASS_ROWS, PASS_LENGTH_RATIO, ScoreRequest, SentimentEngine
+from sentiment.engine import EmptyTextError, Score, ScoreRequest, SentimentEngine
 from tests.conftest import TINY_WORDS
-
-
-def test_passes_group_similar_lengths_within_the_token_budget(tiny_artifacts) -> None:
-    engine = SentimentEngine.load(tiny_artifacts, "cpu", max_batch_tokens=200)
-    rng = random.Random(3)
-    lengths = [rng.randint(1, 32) for _ in range(100)]
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks = engine._chunks(order, lengths)
-    assert [i for c in chunks for i in c] == order  # every text once, in length order
-    for c in chunks:
-        longest, shortest = lengths[c[-1]], lengths[c[0]]
-        assert len(c) * longest <= 200 or len(c) == 1
-        # Past MIN_PASS_ROWS texts, a pass never mixes lengths more than PASS_LENGTH_RATIO apart.
-        assert all(lengths[i] <= PASS_LENGTH_RATIO * shortest for i in c[MIN_PASS_ROWS:])
-    assert len(chunks) > 1
 
 
 def test_bucketed_batch_equals_each_text_alone(tiny_artifacts) -> None:
     engine = SentimentEngine.load(tiny_artifacts, "cpu")
     rng = random.Random(5)
     texts = [" ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(1, 40))) for _ in range(50)]
-    requests = [ScoreRequest(e, trace=True) for e in engine.encode(texts)]
-    before = engine.forward_passes
-    together = engine.predict(requests)
-    assert engine.forward_passes - before > 1  # the batch really was split by length
-    for req, score in zip(requests, together):
-        alone = engine.predict([req])[0]
+    requests = [ScoreRequest(t, trace=True) for t in texts]
+    together = engine.score(requests)
+    assert together.forward_passes > 1  # the batch really was split by length
+    assert together.tokenize_seconds > 0 and together.forward_seconds > 0 and not together.errors
+    for req, score in zip(requests, together.results):
+        alone = engine.score([req]).results[0]
+        assert isinstance(score, Score) and isinstance(alone, Score)
         assert score.probability == pytest.approx(alone.probability, abs=1e-5)
         assert score.trace == pytest.approx(alone.trace, abs=1e-5)
+        assert score.trace[-1] == pytest.approx(score.probability, abs=1e-6)
+
+
+def test_a_bad_text_fails_alone(tiny_artifacts) -> None:
+    engine = SentimentEngine.load(tiny_artifacts, "cpu")
+    batch = engine.score([ScoreRequest("good film"), ScoreRequest("<br /><br />"), ScoreRequest("bad movie")])
+    assert batch.errors == [1] and isinstance(batch.results[1], EmptyTextError)
+    alone = engine.score([ScoreRequest("bad movie")]).results[0]
+    assert batch.results[2].probability == pytest.approx(alone.probability, abs=1e-6)
+
+
+def test_a_failing_forward_pass_is_retried_text_by_text(tiny_artifacts) -> None:
+    class Flaky(SentimentEngine):
+        def _forward(self, encoded, requests):
+            if any(e.tokens == ["awful"] for e in encoded):
+                raise RuntimeError("boom")
+            return super()._forward(encoded, requests)
+
+    engine = Flaky.load(tiny_artifacts, "cpu")
+    batch = engine.score([ScoreRequest("good"), ScoreRequest("awful"), ScoreRequest("bad")])
+    assert batch.errors == [1] and str(batch.results[1]) == "boom"
+    assert all(isinstance(batch.results[i], Score) for i in (0, 2))
+
+
+def test_max_tokens_only_tightens_the_trained_limit(tiny_artifacts) -> None:
+    assert SentimentEngine.load(tiny_artifacts, "cpu").max_tokens == 32
+    assert SentimentEngine.load(tiny_artifacts, "cpu", max_tokens=8).max_tokens == 8
+    assert SentimentEngine.load(tiny_artifacts, "cpu", max_tokens=1000).max_tokens == 32
+    score = SentimentEngine.load(tiny_artifacts, "cpu", max_tokens=8).score([ScoreRequest("good " * 20)]).results[0]
+    assert score.num_tokens == 8 and score.truncated and score.total_tokens == 20

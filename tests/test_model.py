@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from training.export import load_artifacts
-from training.model import ModelConfig, SentimentLSTM, gate_trace, pad_batch
+from sentiment.artifacts import load_artifacts
+from sentiment.model import ModelConfig, SentimentLSTM, gate_trace, pad_batch
 
 
 def _model(layers: int = 1) -> SentimentLSTM:

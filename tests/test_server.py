@@ -4,42 +4,18 @@ graceful SIGTERM (readiness 503, accepted work finished, exit status 0)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import REPO, SHIPPED, free_port, shipped_available
+from app.process import ServiceProcess
+from tests.conftest import SHIPPED, shipped_available
 
 pytestmark = pytest.mark.slow
 
 WORDS = ["good", "great", "bad", "awful", "movie", "film", "the", "was", "a", "!", ".", ",", "plot", "acting"]
-
-
-def start_server(artifacts: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    environ = {**os.environ, "SENTIMENT_ARTIFACTS_DIR": str(artifacts), "SENTIMENT_PORT": str(port), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--log-level", "warning"], cwd=REPO, env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not become ready")
 
 
 @pytest.fixture(params=["tiny", "shipped"])
@@ -54,7 +30,8 @@ def artifacts(request, tiny_artifacts) -> Path:
 def test_concurrent_requests_get_the_same_answer_as_alone(artifacts: Path) -> None:
     rng = random.Random(7)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 120))) for _ in range(60)]
-    proc, base = start_server(artifacts, SENTIMENT_MAX_WAIT_MS="5")
+    server = ServiceProcess(artifacts, {"SENTIMENT_MAX_WAIT_MS": "5"})
+    base = server.base_url
     try:
         alone = {}
         with httpx.Client(base_url=base, timeout=30) as c:
@@ -82,19 +59,19 @@ def test_concurrent_requests_get_the_same_answer_as_alone(artifacts: Path) -> No
         small = float(next(l for l in metrics.splitlines() if l.startswith('sentiment_batch_size_bucket{le="4.0"}')).split()[-1])
         assert small < count, "no batch ever combined several requests"
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
 
 
 def test_sigterm_drains_then_exits_cleanly(tiny_artifacts: Path) -> None:
-    proc, base = start_server(tiny_artifacts, SENTIMENT_SHUTDOWN_DELAY_S="1.0")
+    server = ServiceProcess(tiny_artifacts, {"SENTIMENT_SHUTDOWN_DELAY_S": "1.0"})
+    base = server.base_url
 
     async def scenario() -> tuple[list[int], int]:
         async with httpx.AsyncClient(base_url=base, timeout=30) as c:
             inflight = [asyncio.ensure_future(c.post("/v1/predict", json={"texts": ["good film " * 10] * 8}))
                         for _ in range(20)]
             await asyncio.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
+            server.terminate()
             await asyncio.sleep(0.3)  # inside the shutdown delay: still listening, but not ready
             ready = (await c.get("/health/ready")).status_code
             responses = await asyncio.gather(*inflight)
@@ -103,27 +80,21 @@ def test_sigterm_drains_then_exits_cleanly(tiny_artifacts: Path) -> None:
     statuses, ready_during_drain = asyncio.run(scenario())
     assert ready_during_drain == 503
     assert statuses == [200] * 20  # accepted work finished
-    assert proc.wait(30) == 0
-    out = proc.stdout.read()
-    assert "Traceback" not in out
+    assert server.wait(30) == 0
+    assert "Traceback" not in server.output()
 
 
 def test_test_set_figure_reproduces_over_http(tiny_artifacts: Path, tmp_path: Path, capsys) -> None:
-    """The evaluation CLI gives the same metrics in-process (cached tokens) and through the service."""
+    """The evaluation CLI gives the same metrics in-process (the engine) and through the service."""
     import json
 
     from tests.conftest import write_fake_imdb
     from training import evaluate
 
     data = write_fake_imdb(tmp_path)
-    assert evaluate.main(["--artifacts", str(tiny_artifacts), "--data", str(data), "--json",
-                          "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert evaluate.main(["--artifacts", str(tiny_artifacts), "--data", str(data), "--json"]) == 0
     offline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    proc, base = start_server(tiny_artifacts)
-    try:
-        assert evaluate.main(["--url", base, "--data", str(data), "--json"]) == 0
+    with ServiceProcess(tiny_artifacts) as server:
+        assert evaluate.main(["--url", server.base_url, "--data", str(data), "--json"]) == 0
         served = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    finally:
-        proc.terminate()
-        proc.wait(30)
     assert served == offline and served["n"] == 24

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.text import PAD_ID, UNK_ID, TextEncoder, TextPipelineError, TokenizerSettings, Vocabulary
+from sentiment.text import PAD_ID, UNK_ID, TextEncoder, TextPipelineError, TokenizerSettings, Vocabulary
 
 
 def test_html_breaks_removed_and_lowercased() -> None:

@@ -10,10 +10,10 @@ import torch
 
 from tests.conftest import write_fake_imdb
 from training import evaluate, train
-from training.data import DatasetError, length_batches, read_imdb, train_val_split
-from training.export import ArtifactError, load_artifacts
-from training.model import ModelConfig, SentimentLSTM, pad_batch
-from training.text import TextEncoder
+from sentiment.artifacts import ArtifactError, load_artifacts
+from sentiment.imdb import DatasetError, read_imdb
+from sentiment.model import ModelConfig, SentimentLSTM, pad_batch
+from sentiment.text import TextEncoder
 
 
 @pytest.mark.parametrize("as_archive", [True, False])
@@ -25,14 +25,6 @@ def test_reads_archive_and_folder(tmp_path, as_archive) -> None:
     assert sum(r.label == 1 for r in data["test"]) == 5
     assert all("<br" in r.text or r.key for r in data["train"])
     assert read_imdb(source, ("test",))["test"][0].key.startswith("test/")
-
-
-def test_validation_split_is_fixed_by_seed(tmp_path) -> None:
-    data = read_imdb(write_fake_imdb(tmp_path), ("train",))
-    a = train_val_split(data["train"], 0.25, seed=1)
-    b = train_val_split(data["train"], 0.25, seed=1)
-    assert [r.key for r in a[1]] == [r.key for r in b[1]] and len(a[1]) == 6
-    assert not {r.key for r in a[0]} & {r.key for r in a[1]}
 
 
 def test_missing_corrupt_and_empty_sources_fail_clearly(tmp_path) -> None:
@@ -49,18 +41,10 @@ def test_missing_corrupt_and_empty_sources_fail_clearly(tmp_path) -> None:
         read_imdb(empty)
 
 
-def test_length_batches_cover_everything_with_little_padding() -> None:
-    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
-    batches = list(length_batches(lengths, 32, seed=3))
-    assert sorted(i for b in batches for i in b) == list(range(1000))
-    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    assert waste / sum(lengths) < 0.1
-
-
 def test_train_export_load_and_evaluate_end_to_end(tmp_path, capsys) -> None:
     data = write_fake_imdb(tmp_path)
     out, ckpt = tmp_path / "art", tmp_path / "ckpt"
-    base = ["--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+    base = ["--data", str(data), "--out", str(out),
             "--checkpoint-dir", str(ckpt), "--batch-size", "4", "--embedding-dim", "8", "--hidden-size", "8",
             "--min-freq", "1", "--w2v-epochs", "1", "--workers", "1", "--val-fraction", "0.25", "--patience", "5"]
     assert train.main(base + ["--epochs", "2"]) == 0
@@ -88,7 +72,7 @@ def test_train_export_load_and_evaluate_end_to_end(tmp_path, capsys) -> None:
     card = json.loads((out / "model_card.json").read_text())
     assert card["training"]["epochs_run"] == 3
 
-    assert evaluate.main(["--artifacts", str(out), "--data", str(data), "--cache-dir", str(tmp_path / "cache"),
+    assert evaluate.main(["--artifacts", str(out), "--data", str(data),
                           "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics == card["metrics"]["test"]  # the CLI reproduces the figure in the model card

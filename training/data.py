@@ -1,116 +1,16 @@
-"""The Large Movie Review Dataset (aclImdb): reading, splitting, caching tokens, batching by length."""
+"""Training data: tokenised-corpus cache, splits and length-bucketed batches over aclImdb."""
 
 from __future__ import annotations
 
 import hashlib
-import random
-import re
-import tarfile
-import urllib.request
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from training.text import Tokenizer, TokenizerSettings
-
-OFFICIAL_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-OFFICIAL_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"  # of the official download (as torchtext checks it)
-
-# aclImdb/<split>/<pos|neg|unsup>/<id>_<rating>.txt
-_MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
-
-
-class DatasetError(RuntimeError):
-    """The dataset archive or folder is missing, corrupt or empty."""
-
-
-@dataclass(frozen=True)
-class Review:
-    """One review; ``label`` is 1 (pos), 0 (neg) or -1 (unsup)."""
-
-    text: str
-    label: int
-    rating: int
-    key: str  # e.g. "train/pos/123"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in chunks (for the model card's data checksum)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_imdb(dest: str | Path, url: str = OFFICIAL_URL, md5: str = OFFICIAL_MD5) -> Path:
-    """Download the official archive to ``dest`` (a file path) and verify its MD5 checksum."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_suffix(dest.suffix + ".part")
-    urllib.request.urlretrieve(url, partial)  # noqa: S310 - fixed https URL
-    digest = hashlib.md5(partial.read_bytes()).hexdigest()  # noqa: S324 - checksum, not security
-    if digest != md5:
-        partial.unlink(missing_ok=True)
-        raise DatasetError(f"downloaded archive has MD5 {digest}, expected {md5}")
-    partial.rename(dest)
-    return dest
-
-
-def _want(split: str, polarity: str, splits: Sequence[str], unsup: bool) -> bool:
-    return split in splits and (polarity != "unsup" or unsup)
-
-
-def _make_review(split: str, polarity: str, rid: str, rating: str, raw: bytes) -> Review:
-    label = {"pos": 1, "neg": 0, "unsup": -1}[polarity]
-    return Review(raw.decode("utf-8", errors="replace"), label, int(rating), f"{split}/{polarity}/{rid}")
-
-
-def read_imdb(
-    source: str | Path, splits: Sequence[str] = ("train", "test"), unsup: bool = False
-) -> dict[str, list[Review]]:
-    """Read reviews from the official ``aclImdb_v1.tar.gz`` or its extracted folder.
-
-    Returns ``{split: [Review, ...]}`` in a stable order (sorted by key), with ``unsup`` reviews
-    (label -1) included in ``train`` only when asked.
-    """
-    source = Path(source)
-    out: dict[str, list[Review]] = {s: [] for s in splits}
-    if not source.exists():
-        raise DatasetError(f"dataset not found: {source} (pass the aclImdb_v1.tar.gz archive or its folder)")
-    if source.is_dir():
-        root = source / "aclImdb" if (source / "aclImdb").is_dir() else source
-        for path in sorted(root.glob("*/*/*.txt")):
-            m = _MEMBER.search("aclImdb/" + path.relative_to(root).as_posix())
-            if m and _want(m[1], m[2], splits, unsup):
-                out[m[1]].append(_make_review(m[1], m[2], m[3], m[4], path.read_bytes()))
-    else:
-        try:
-            with tarfile.open(source, "r:*") as tar:
-                for member in tar:
-                    m = _MEMBER.search(member.name)
-                    if m and member.isfile() and _want(m[1], m[2], splits, unsup):
-                        raw = tar.extractfile(member).read()  # type: ignore[union-attr]
-                        out[m[1]].append(_make_review(m[1], m[2], m[3], m[4], raw))
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DatasetError(f"cannot read archive {source}: {exc}") from exc
-    for split, reviews in out.items():
-        if not any(r.label >= 0 for r in reviews):
-            raise DatasetError(f"no labelled reviews found for split {split!r} in {source}")
-        reviews.sort(key=lambda r: r.key)
-    return out
-
-
-def train_val_split(reviews: Sequence[Review], val_fraction: float, seed: int) -> tuple[list[Review], list[Review]]:
-    """Carve a validation set out of the labelled training reviews with a fixed seed."""
-    labelled = [r for r in reviews if r.label >= 0]
-    order = list(range(len(labelled)))
-    random.Random(seed).shuffle(order)
-    n_val = int(round(len(labelled) * val_fraction))
-    val = [labelled[i] for i in order[:n_val]]
-    train = [labelled[i] for i in order[n_val:]]
-    return train, val
+from sentiment.artifacts import file_sha256
+from sentiment.imdb import read_imdb
+from sentiment.text import Tokenizer, TokenizerSettings
 
 
 def _tokenize_chunk(args: tuple[TokenizerSettings, list[str]]) -> list[str]:
@@ -129,26 +29,6 @@ def tokenize_corpus(texts: Sequence[str], settings: TokenizerSettings, workers: 
             joined = [j for part in pool.imap(_tokenize_chunk, jobs) for j in part]
     # spaCy tokens never contain whitespace, so a space-joined string round-trips exactly.
     return [s.split(" ") if s else [] for s in joined]
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, seed: int | None) -> Iterator[list[int]]:
-    """Yield index batches of similar length (little padding), in random order when ``seed`` is set.
-
-    Indices are shuffled, cut into pools of 50 batches, each pool sorted by length and cut into
-    batches; the batches are then shuffled. ``seed=None`` gives a deterministic, sorted order.
-    """
-    order = list(range(len(lengths)))
-    rng = random.Random(seed)
-    if seed is not None:
-        rng.shuffle(order)
-    pool = batch_size * 50
-    batches = []
-    for start in range(0, len(order), pool):
-        part = sorted(order[start : start + pool], key=lambda i: lengths[i])
-        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    if seed is not None:
-        rng.shuffle(batches)
-    yield from batches
 
 
 @dataclass

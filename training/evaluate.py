@@ -3,8 +3,9 @@
     python -m training.evaluate --artifacts model_artifacts --data ../shared/data/aclImdb_v1.tar.gz
     python -m training.evaluate --url http://127.0.0.1:8000 --data ../shared/data/aclImdb_v1.tar.gz
 
-With ``--url`` the raw review texts are sent to a running service (``POST /v1/predict``) instead,
-so the figure is reproduced through the whole serving path: HTTP, tokenisation, batching, model.
+In-process, the raw review texts go through the engine's one scoring entry (the service's own
+path: tokenise, truncate, length-bucketed forward passes). With ``--url`` they are sent to a running
+service (``POST /v1/predict``) instead, so the figure is reproduced through HTTP and batching too.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Sequence
 
 import torch
 
-from training.data import length_batches, load_tokenized
-from training.export import load_artifacts
-from training.model import pad_batch
+from sentiment import LABEL_THRESHOLD
+from sentiment.batching import length_buckets
+from sentiment.engine import Score, ScoreRequest, SentimentEngine
+from sentiment.imdb import read_imdb
+from sentiment.model import pad_batch
 
 
-def compute_metrics(probs: Sequence[float], labels: Sequence[int], threshold: float = 0.5) -> dict:
+def compute_metrics(probs: Sequence[float], labels: Sequence[int], threshold: float = LABEL_THRESHOLD) -> dict:
     """Binary classification metrics with positive = label 1 and prediction = ``prob >= threshold``."""
     tp = fp = tn = fn = 0
     for p, y in zip(probs, labels):
@@ -51,14 +54,30 @@ def compute_metrics(probs: Sequence[float], labels: Sequence[int], threshold: fl
 @torch.no_grad()
 def predict_ids(model: torch.nn.Module, id_lists: Sequence[list[int]], device: torch.device,
                 batch_size: int = 256) -> list[float]:
-    """Last-token probabilities for many id lists, batched by length (order of the input kept)."""
+    """Last-token probabilities for many id lists, batched by length (order of the input kept).
+
+    For models being trained (eager modules over cached token ids); exported artifacts are scored
+    through :func:`predict_texts`, the service's path.
+    """
     out = [0.0] * len(id_lists)
     lengths = [len(x) for x in id_lists]
-    for batch in length_batches(lengths, batch_size, seed=None):
+    for batch in length_buckets(lengths, batch_size):
         ids, lens = pad_batch([id_lists[i] for i in batch])
         last, _ = model(ids.to(device), lens.to(device))
         for i, p in zip(batch, last.tolist()):
             out[i] = p
+    return out
+
+
+def predict_texts(engine: SentimentEngine, texts: Sequence[str], batch_size: int = 256) -> list[float]:
+    """P(positive) for raw texts through the engine's one scoring entry, ``batch_size`` at a time."""
+    out: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        batch = engine.score([ScoreRequest(t) for t in texts[i : i + batch_size]])
+        for j, result in enumerate(batch.results):
+            if not isinstance(result, Score):
+                raise RuntimeError(f"text {i + j} could not be scored: {result}")
+            out.append(result.probability)
     return out
 
 
@@ -93,27 +112,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", default="model_artifacts", help="artifacts directory to score")
     parser.add_argument("--data", default="../shared/data/aclImdb_v1.tar.gz", help="aclImdb archive or folder")
-    parser.add_argument("--cache-dir", default=".cache", help="where tokenised corpora are cached")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 …")
     parser.add_argument("--url", default=None, help="score through a running service at this base URL instead")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON only")
     args = parser.parse_args(argv)
 
+    reviews = read_imdb(args.data, ("test",))["test"]
+    texts = [r.text for r in reviews]
     if args.url:
-        from training.data import read_imdb
-
         import httpx
 
-        reviews = read_imdb(args.data, ("test",))["test"]
         version = httpx.get(args.url + "/v1/model", timeout=30).json().get("version")
-        probs = predict_over_http(args.url, [r.text for r in reviews])
-        metrics = compute_metrics(probs, [r.label for r in reviews])
+        probs = predict_over_http(args.url, texts)
     else:
-        art = load_artifacts(args.artifacts, args.device)
-        version = art.card.get("version")
-        corpus = load_tokenized(args.data, art.vocab.settings, args.cache_dir)
-        ids = [art.vocab.encode_tokens(t).ids for t in corpus.tokens["test"]]
-        metrics = compute_metrics(predict_ids(art.model, ids, art.device), corpus.labels["test"])
+        engine = SentimentEngine.load(args.artifacts, args.device)
+        version = engine.version
+        probs = predict_texts(engine, texts)
+    metrics = compute_metrics(probs, [r.label for r in reviews])
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from training.data import length_batches
-from training.model import SentimentLSTM, pad_batch
+from sentiment.batching import length_buckets
+from sentiment.model import SentimentLSTM, pad_batch
 
 
 class NextTokenHead(nn.Module):
@@ -90,7 +90,7 @@ def pretrain_language_model(model: SentimentLSTM, id_lists: list[list[int]], epo
         head.train()
         t0 = time.time()
         total = tokens = 0.0
-        batches = [[usable[j] for j in b] for b in length_batches([lengths[i] for i in usable], batch_size,
+        batches = [[usable[j] for j in b] for b in length_buckets([lengths[i] for i in usable], batch_size,
                                                                   seed=seed + 1000 + epoch)]
         bar = tqdm(batches, desc=f"lm epoch {epoch}", unit="batch", mininterval=30, file=sys.stdout)
         for batch in bar:

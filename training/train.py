@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.data import length_batches, load_tokenized
+from sentiment.batching import length_buckets
+from training.data import load_tokenized
 from training.evaluate import compute_metrics, predict_ids
-from training.export import export_artifacts, load_artifacts, resolve_device
-from training.model import ModelConfig, SentimentLSTM, pad_batch
+from sentiment.artifacts import cpu_model, export_artifacts, load_artifacts, resolve_device
+from sentiment.model import ModelConfig, SentimentLSTM, pad_batch
 from training.pretrain import cache_key, pretrain_language_model
-from training.text import TokenizerSettings, Vocabulary
+from sentiment.text import TokenizerSettings, Vocabulary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -75,17 +76,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="tokenisation processes")
     p.add_argument("--no-test", action="store_true", help="skip the test-split evaluation")
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), for the model card."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def seed_everything(seed: int) -> None:
@@ -154,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache_dir, ckpt_dir = Path(args.cache_dir), Path(args.checkpoint_dir)
     data_path = Path(args.data)
     if args.download and not data_path.exists():
-        from training.data import download_imdb
+        from sentiment.imdb import download_imdb
 
         download_imdb(data_path)
     started = time.time()
@@ -230,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         seen = correct = 0
         total_loss = 0.0
-        batches = list(length_batches(lengths, args.batch_size, seed=args.seed + epoch))
+        batches = length_buckets(lengths, args.batch_size, seed=args.seed + epoch)
         bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", mininterval=30, file=sys.stdout)
         for batch in bar:
             ids, lens = pad_batch([train_ids[i] for i in batch])

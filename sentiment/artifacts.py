@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.text import TextPipelineError, Vocabulary
+from sentiment.text import TextPipelineError, Vocabulary
 
 MODEL_FILE, VOCAB_FILE, CARD_FILE = "model.pt", "vocab.json", "model_card.json"
 
@@ -36,8 +37,24 @@ class Artifacts:
     device: torch.device
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in chunks (artifact checksums, the training data's checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for model cards and benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def export_artifacts(model: torch.nn.Module, vocab: Vocabulary, card: dict[str, Any], out_dir: str | Path) -> Path:
@@ -53,7 +70,7 @@ def export_artifacts(model: torch.nn.Module, vocab: Vocabulary, card: dict[str, 
     card = dict(card)
     card["vocab_size"] = len(vocab)
     card["tokenizer"] = asdict(vocab.settings)
-    card["files"] = {name: _sha256(out / name) for name in (MODEL_FILE, VOCAB_FILE)}
+    card["files"] = {name: file_sha256(out / name) for name in (MODEL_FILE, VOCAB_FILE)}
     (out / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return out
 
@@ -80,7 +97,7 @@ def load_artifacts(directory: str | Path, device: str | torch.device = "auto") -
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"model card {root / CARD_FILE} is not valid JSON: {exc}") from exc
     for name, expected in card.get("files", {}).items():
-        if (root / name).is_file() and _sha256(root / name) != expected:
+        if (root / name).is_file() and file_sha256(root / name) != expected:
             raise ArtifactError(f"{root / name} does not match the checksum in the model card (corrupt or mixed files)")
     try:
         vocab = Vocabulary.load(root / VOCAB_FILE)

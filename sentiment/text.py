@@ -44,6 +44,14 @@ class TokenizerSettings:
         if self.max_tokens < 1:
             raise TextPipelineError("max_tokens must be at least 1")
 
+    def token_limit(self, requested: int | None = None) -> int:
+        """The truncation length in force: the trained ``max_tokens``, or a smaller ``requested`` one.
+
+        The one place the limit is clamped: a service may read fewer tokens than the model was
+        trained on, never more.
+        """
+        return self.max_tokens if requested is None else max(1, min(requested, self.max_tokens))
+
 
 @dataclass(frozen=True)
 class EncodedText:
@@ -126,7 +134,7 @@ class Vocabulary:
 
     def truncate(self, tokens: list[str], max_tokens: int | None = None) -> tuple[list[str], bool]:
         """Apply the truncation policy; ``max_tokens`` may only tighten the trained limit."""
-        limit = self.settings.max_tokens if max_tokens is None else min(max_tokens, self.settings.max_tokens)
+        limit = self.settings.token_limit(max_tokens)
         if len(tokens) <= limit:
             return tokens, False
         kept = tokens[-limit:] if self.settings.truncation == "keep_end" else tokens[:limit]
