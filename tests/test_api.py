@@ -342,3 +342,37 @@ def test_gate_trace_is_opt_in_and_consistent(client: TestClient) -> None:
 def test_settings_that_contradict_each_other_fail_fast(tiny_artifacts: Path) -> None:
     with pytest.raises(ValueError, match="SENTIMENT_MAX_QUEUE"):
         Settings(artifacts_dir=tiny_artifacts, max_queue=8, max_texts=16)
+
+
+def test_every_error_uses_the_vocabulary_is_counted_and_documented(client: TestClient) -> None:
+    from app.errors import Errors
+
+    by_code = {k.code: k for k in Errors.all()}
+    calls = [
+        lambda: client.post("/v1/predict", content=b"{", headers={"content-type": "application/json"}),
+        lambda: client.post("/v1/predict", content=b"x", headers={"content-type": "text/plain"}),
+        lambda: client.post("/v1/predict", json={"texts": ["a"] * 65}),
+        lambda: client.post("/v1/predict", json={"texts": ["a" * 20_001]}),
+        lambda: client.post("/v1/predict", json={"texts": ["good", " "]}),
+        lambda: client.post("/v1/predict", json={"texts": "good"}),
+        lambda: client.get("/v1/nope"),
+        lambda: client.delete("/v1/predict"),
+    ]
+    seen = set()
+    for call in calls:
+        r = call()
+        body = r.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+        kind = by_code[body["error"]["code"]]  # a code from the vocabulary…
+        assert r.status_code == kind.status  # …with its status
+        assert ("retry-after" in r.headers) == (kind.retry_after_s is not None)
+        seen.add(kind.code)
+    metrics = client.get("/metrics").text
+    for code in seen:
+        assert f'sentiment_errors_total{{kind="{code}"}}' in metrics, code
+    assert seen >= {"malformed_json", "unsupported_media_type", "too_many_texts", "text_too_long", "empty_text",
+                    "invalid_request", "not_found", "method_not_allowed"}
+    documented = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["responses"]
+    statuses = {str(k.status) for k in Errors.all() if k.status not in (404, 405)}
+    assert statuses <= set(documented), statuses - set(documented)
+    assert "unsupported_media_type" in documented["415"]["description"]
