@@ -18,6 +18,9 @@ OFFICIAL_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"  # of the official download (a
 
 # aclImdb/<split>/<pos|neg|unsup>/<id>_<rating>.txt
 _MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
+# aclImdb/<split>/urls_<pos|neg|unsup>.txt: line i is the IMDB page of review <i>'s movie
+_URLS = re.compile(r"(?:^|/)aclImdb/(train|test)/urls_(pos|neg|unsup)\.txt$")
+_TITLE = re.compile(r"/title/(tt\d+)")
 
 
 class DatasetError(RuntimeError):
@@ -89,4 +92,44 @@ def read_imdb(
         if not any(r.label >= 0 for r in reviews):
             raise DatasetError(f"no labelled reviews found for split {split!r} in {source}")
         reviews.sort(key=lambda r: r.key)
+    return out
+
+
+def _movie_ids(split: str, polarity: str, raw: bytes) -> dict[str, str]:
+    out = {}
+    for rid, line in enumerate(raw.decode("utf-8", errors="replace").splitlines()):
+        m = _TITLE.search(line)
+        out[f"{split}/{polarity}/{rid}"] = m[1] if m else line.strip()
+    return out
+
+
+def read_movie_ids(source: str | Path, splits: Sequence[str] = ("train",)) -> dict[str, str]:
+    """Map each review key (``train/pos/123``) to its movie's IMDB id (``tt0453418``).
+
+    Read from ``<split>/urls_<polarity>.txt``, whose line *i* names the movie of review *i*. Many
+    reviews share a movie (up to 30 each), so a validation split that ignores this leaks movies.
+    Raises :class:`DatasetError` when a requested split has no urls files.
+    """
+    source = Path(source)
+    out: dict[str, str] = {}
+    if not source.exists():
+        raise DatasetError(f"dataset not found: {source} (pass the aclImdb_v1.tar.gz archive or its folder)")
+    if source.is_dir():
+        root = source / "aclImdb" if (source / "aclImdb").is_dir() else source
+        for path in sorted(root.glob("*/urls_*.txt")):
+            m = _URLS.search("aclImdb/" + path.relative_to(root).as_posix())
+            if m and m[1] in splits:
+                out.update(_movie_ids(m[1], m[2], path.read_bytes()))
+    else:
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for member in tar:
+                    m = _URLS.search(member.name)
+                    if m and member.isfile() and m[1] in splits:
+                        out.update(_movie_ids(m[1], m[2], tar.extractfile(member).read()))  # type: ignore[union-attr]
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DatasetError(f"cannot read archive {source}: {exc}") from exc
+    for split in splits:
+        if not any(k.startswith(split + "/") for k in out):
+            raise DatasetError(f"no urls_*.txt files (movie ids) found for split {split!r} in {source}")
     return out

@@ -51,6 +51,14 @@ def write_fake_imdb(root: Path, n_per_class: int = 12, as_archive: bool = True) 
             files[f"aclImdb/{split}/neg/{i}_{1 + i % 3}.txt"] = neg[i % 3] + f" number {i}"
     for i in range(4):
         files[f"aclImdb/train/unsup/{i}_0.txt"] = "a film about a movie " + pos[i % 3]
+    # urls_<polarity>.txt: line i names review i's movie; three reviews of each label per movie, as
+    # IMDB has both positive and negative reviews of one movie (test movies differ from train movies).
+    for split, base in (("train", 1000), ("test", 5000)):
+        for polarity in ("pos", "neg"):
+            files[f"aclImdb/{split}/urls_{polarity}.txt"] = "".join(
+                f"http://www.imdb.com/title/tt{base + i // 3:07d}/usercomments\n" for i in range(n_per_class))
+    files["aclImdb/train/urls_unsup.txt"] = "".join(
+        f"http://www.imdb.com/title/tt{9000 + i:07d}/usercomments\n" for i in range(4))
     files["aclImdb/README"] = "fake"
     if not as_archive:
         for name, text in files.items():

@@ -1,13 +1,24 @@
-"""Train the sentiment LSTM on IMDB and export it to an artifacts directory.
+"""Train the sentiment LSTM on IMDB in named, resumable stages and export it to an artifacts directory.
 
-    python -m training.train --data ../shared/data/aclImdb_v1.tar.gz --out model_artifacts
+    python -m training.train --data ../shared/data/aclImdb_v1.tar.gz --stop-after-minutes 60
 
-Steps: tokenise (cached) → vocabulary from the training split → word2vec on train + unsup (cached) →
-language-model pre-training of embedding + LSTM on train + unsup (cached per epoch, see pretrain.py) →
-Adam on the labelled training split with early stopping on a validation split carved from train →
-TorchScript export → one evaluation on the full test split, written into the model card.
-Checkpoints are written every epoch; ``--resume`` continues an interrupted run, ``--init-from``
-fine-tunes from an existing artifacts directory (e.g. the shipped model).
+Stages, in order (each a function below, its inputs and outputs in its signature):
+
+    data → split → vocabulary → word vectors → language model → fine-tuning → export → test
+
+- data: tokenise train, unsup and test once (cached under --cache-dir).
+- split: hold out whole movies from train/ (no movie on both sides) as the validation split.
+- vocabulary: from the training part only; saved in --state-dir.
+- word vectors: word2vec on the training part + unsup initialises the embedding (cached).
+- language model: next-token pre-training of embedding + LSTM on the training part + unsup (pretrain.py).
+- fine-tuning: on the labelled training part, validated on the held-out movies (finetune.py).
+- export: TorchScript + vocabulary + model card to --out.
+- test: one evaluation on the 25,000 test reviews, written into the model card (skip with --no-test).
+
+The two long phases checkpoint into --state-dir (compact, committed to git) and --checkpoint-dir
+(exact, local) every --checkpoint-every-minutes, and stop cleanly (exit code 0) when
+--stop-after-minutes or --stop-after-steps runs out, or on SIGTERM/SIGINT. Running the same command
+again continues where it stopped, mid-epoch; the recipe is read back from --state-dir/run.json.
 """
 
 from __future__ import annotations
@@ -18,64 +29,127 @@ import json
 import os
 import platform
 import random
+import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from sentiment.batching import length_buckets
-from training.data import load_tokenized
-from training.evaluate import compute_metrics, predict_ids
-from sentiment.artifacts import cpu_model, export_artifacts, load_artifacts, resolve_device
-from sentiment.model import ModelConfig, SentimentLSTM, pad_batch
-from training.pretrain import cache_key, pretrain_language_model
+from sentiment.artifacts import cpu_model, export_artifacts, load_artifacts
+from sentiment.imdb import read_movie_ids
+from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
+from training.data import Split, TokenizedCorpus, load_tokenized, movie_grouped_split, random_split
+from training.evaluate import compute_metrics, predict_ids
+from training.finetune import FineTuneConfig, fine_tune
+from training.pretrain import LMConfig, pretrain_language_model, probe_accuracy
+from training.state import RunState, TimeBox, TimeBoxReached
+
+# Flags that define the run: fixed when a run starts, read back from run.json when it continues.
+RECIPE = ["split", "val_fraction", "seed", "max_train", "max_tokens", "vocab_size", "min_freq", "embedding_dim",
+          "hidden_size", "layers", "dropout", "word_vectors", "w2v_epochs", "lm_epochs", "lm_bptt", "lm_rows",
+          "lm_lr", "lm_warmup_steps", "lm_weight_decay", "lm_dropout", "lm_clip", "lm_eval_tokens", "probe_reviews",
+          "epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction", "ema_decay",
+          "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay"]
+# Recipe flags a continuation may change: the planned length of a phase (its schedule stretches).
+EXTENDABLE = {"lm_epochs", "epochs"}
+# A phase's own flags stay open until the phase has started (so a copy of a run's state can try
+# another fine-tuning recipe on the same pre-trained language model).
+PHASE_FLAGS = {
+    "lm": {"lm_bptt", "lm_rows", "lm_lr", "lm_warmup_steps", "lm_weight_decay", "lm_dropout", "lm_clip",
+           "lm_eval_tokens", "probe_reviews"},
+    "finetune": {"epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction",
+                 "ema_decay", "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay"},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag says what it does (``--help``)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("paths")
+    g.add_argument("--data", default="../shared/data/aclImdb_v1.tar.gz", help="aclImdb archive or extracted folder")
+    g.add_argument("--download", action="store_true", help="download the official archive to --data if missing")
+    g.add_argument("--out", default="runs/candidate", help="artifacts directory to write (copy to model_artifacts/ "
+                   "only if the model beats the shipped one on test)")
+    g.add_argument("--cache-dir", default=".cache", help="tokenised corpus and word-vector cache")
+    g.add_argument("--state-dir", default="training_state", help="compact resumable state of this run (commit it)")
+    g.add_argument("--checkpoint-dir", default="checkpoints", help="exact local checkpoints with optimizer state")
+
+    g = p.add_argument_group("time box and machine")
+    g.add_argument("--stop-after-minutes", type=float, default=None,
+                   help="checkpoint and exit cleanly (code 0) after this many minutes of this process")
+    g.add_argument("--stop-after-steps", type=int, default=None,
+                   help="checkpoint and exit after this many optimizer steps in this process (deterministic; tests)")
+    g.add_argument("--checkpoint-every-minutes", type=float, default=10.0, help="checkpoint interval in long phases")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast for the long phases (auto: bf16 when the CPU has AVX-512 BF16/AMX); "
+                   "weights stay and export fp32")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--workers", type=int, default=2, help="tokenisation and word2vec processes")
+    g.add_argument("--no-test", action="store_true", help="skip the test-split evaluation (ablations must skip it)")
+
+    g = p.add_argument_group("split, vocabulary, model")
+    g.add_argument("--split", choices=["movie", "random"], default="movie",
+                   help="validation split: whole movies held out (default) or random reviews (leaks movies)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of train/ reviews held out for validation")
+    g.add_argument("--seed", type=int, default=13, help="seed of the split, shuffles, initialisation and dropout")
+    g.add_argument("--max-train", type=int, default=None, help="use only this many training reviews (smoke runs)")
+    g.add_argument("--max-tokens", type=int, default=400, help="classifier truncation length (the end is kept)")
+    g.add_argument("--vocab-size", type=int, default=25_000, help="vocabulary size including <pad> and <unk>")
+    g.add_argument("--min-freq", type=int, default=3, help="minimum count of a word in the training part")
+    g.add_argument("--embedding-dim", type=int, default=200, help="embedding size")
+    g.add_argument("--hidden-size", type=int, default=512, help="LSTM hidden size")
+    g.add_argument("--layers", type=int, default=1, help="LSTM layers")
+    g.add_argument("--dropout", type=float, default=0.4, help="classifier dropout on embeddings and LSTM output")
+
+    g = p.add_argument_group("word vectors and language model")
+    g.add_argument("--word-vectors", choices=["word2vec", "none"], default="word2vec",
+                   help="initialise embeddings with word2vec trained on the training part + unsup")
+    g.add_argument("--w2v-epochs", type=int, default=5, help="word2vec epochs")
+    g.add_argument("--lm-epochs", type=int, default=6, help="language-model epochs over train part + unsup (0: none)")
+    g.add_argument("--lm-bptt", type=int, default=80, help="tokens per truncated-BPTT chunk (state carried across)")
+    g.add_argument("--lm-rows", type=int, default=64, help="parallel token streams per language-model batch")
+    g.add_argument("--lm-lr", type=float, default=3e-3, help="peak language-model learning rate (AdamW)")
+    g.add_argument("--lm-warmup-steps", type=int, default=300, help="linear warm-up steps before cosine decay")
+    g.add_argument("--lm-weight-decay", type=float, default=0.01, help="AdamW weight decay in pre-training")
+    g.add_argument("--lm-dropout", type=float, default=0.1, help="dropout on embeddings and LSTM output in pre-training")
+    g.add_argument("--lm-clip", type=float, default=0.5, help="gradient-norm clipping in pre-training")
+    g.add_argument("--lm-eval-tokens", type=int, default=200_000,
+                   help="held-out (validation-review) tokens for the per-epoch perplexity")
+    g.add_argument("--probe-reviews", type=int, default=2000,
+                   help="training reviews for the per-epoch logistic-regression probe (0: no probe)")
+
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (the schedule spans all of them)")
+    g.add_argument("--batch-size", type=int, default=64, help="fine-tuning reviews per batch")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak fine-tuning learning rate of the head")
+    g.add_argument("--lr-group-decay", type=float, default=2.6,
+                   help="each layer group below the head gets the rate of the one above divided by this")
+    g.add_argument("--gradual-unfreezing", action=argparse.BooleanOptionalAction, default=True,
+                   help="epoch 1 trains the head, 2 adds the LSTM, 3 the embedding")
+    g.add_argument("--warmup-fraction", type=float, default=0.06, help="share of fine-tuning steps spent warming up")
+    g.add_argument("--ema-decay", type=float, default=0.998, help="decay of the exported weight average")
+    g.add_argument("--adv-eps", type=float, default=5.0,
+                   help="adversarial perturbation norm per review, in normalised-embedding units (0: off)")
+    g.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial loss")
+    g.add_argument("--aux-weight", type=float, default=0.2,
+                   help="weight of the loss on every timestep (target replication); the rest is on the last step")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping in fine-tuning")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay in fine-tuning")
+    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/aclImdb_v1.tar.gz", help="aclImdb archive or folder")
-    p.add_argument("--download", action="store_true", help="download the official archive to --data if missing")
-    p.add_argument("--out", default="model_artifacts", help="artifacts directory to write")
-    p.add_argument("--cache-dir", default=".cache", help="tokenised corpus and word-vector cache")
-    p.add_argument("--checkpoint-dir", default="checkpoints", help="per-epoch checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt")
-    p.add_argument("--init-from", default=None, help="start from the weights and vocabulary of an artifacts dir")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--aux-weight", type=float, default=0.2,
-                   help="weight of the loss on every timestep (target replication); the rest is on the last step")
-    p.add_argument("--embedding-dim", type=int, default=200)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.4)
-    p.add_argument("--max-tokens", type=int, default=400, help="truncation length (the end is kept)")
-    p.add_argument("--vocab-size", type=int, default=25_000)
-    p.add_argument("--min-freq", type=int, default=3)
-    p.add_argument("--word-vectors", choices=["word2vec", "none"], default="word2vec",
-                   help="initialise embeddings with word2vec trained on train + unsup")
-    p.add_argument("--w2v-epochs", type=int, default=5)
-    p.add_argument("--lm-epochs", type=int, default=1,
-                   help="language-model pre-training epochs of embedding + LSTM on train + unsup (0: none)")
-    p.add_argument("--lm-lr", type=float, default=2e-3)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=13)
-    p.add_argument("--max-train", type=int, default=None, help="use only this many training reviews (smoke runs)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--workers", type=int, default=2, help="tokenisation processes")
-    p.add_argument("--no-test", action="store_true", help="skip the test-split evaluation")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now(timezone.utc).strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -84,9 +158,107 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), which oneDNN's bf16 LSTM needs.
+
+    Without them (e.g. an AVX2-only AMD EPYC), bf16 autocast of ``nn.LSTM`` fails in oneDNN ("could not
+    create a primitive descriptor"), and PyTorch's fallback LSTM in bf16 ran 40× slower than fp32 here.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def use_bf16(args: argparse.Namespace) -> bool:
+    """bf16 autocast for the long phases: asked for, or ``auto`` on a CPU that runs it natively."""
+    return args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
+
+
+def adopt_recipe(args: argparse.Namespace, state: RunState) -> None:
+    """Start a new run's recipe in run.json, or read a continuing run's recipe back into ``args``.
+
+    A flag given on the command line that contradicts the stored recipe is an error (start a new run
+    with another --state-dir instead), except the phase lengths in EXTENDABLE.
+    """
+    defaults = vars(parse_args([]))
+    current = {k: getattr(args, k) for k in RECIPE}
+    if not state.exists:
+        state.info = {"format": 1, "recipe": current, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "sessions": []}
+        return
+    stored = state.info["recipe"]
+
+    def open_to_change(k: str) -> bool:
+        if k in EXTENDABLE:
+            return True
+        for phase, keys in PHASE_FLAGS.items():
+            if k in keys:
+                return not (state.dir / f"{phase}.pt").is_file()
+        return False
+
+    given = [k for k in RECIPE if current[k] != defaults[k] and current[k] != stored.get(k)]
+    clashes = [f"--{k.replace('_', '-')} {current[k]} (run has {stored.get(k)})" for k in given if not open_to_change(k)]
+    if clashes:
+        raise SystemExit(f"{state.dir} holds a run with another recipe: " + "; ".join(clashes)
+                         + ". Drop those flags to continue it, or pass a new --state-dir to start another run.")
+    for k in given:
+        log(f"recipe: {k} changed from {stored.get(k)} to {current[k]}"
+            + (" (the phase's schedule is stretched)" if k in EXTENDABLE else " (its phase has not started)"))
+        stored[k] = current[k]
+    for k in RECIPE:
+        setattr(args, k, stored.get(k, defaults[k]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_data(args: argparse.Namespace) -> TokenizedCorpus:
+    """aclImdb archive → tokens of every review (train, unsup, test), from the cache after the first time."""
+    data_path = Path(args.data)
+    if args.download and not data_path.exists():
+        from sentiment.imdb import download_imdb
+
+        download_imdb(data_path)
+    t0 = time.time()
+    corpus = load_tokenized(data_path, TokenizerSettings(max_tokens=args.max_tokens), args.cache_dir, args.workers)
+    log(f"data: tokenised corpus ready in {time.time() - t0:.0f}s: "
+        + ", ".join(f"{k}={len(v)}" for k, v in corpus.tokens.items()))
+    return corpus
+
+
+def stage_split(args: argparse.Namespace, corpus: TokenizedCorpus) -> Split:
+    """Labelled train/ reviews → (training part, validation part), by movie unless --split random."""
+    keys = corpus.keys["train"]
+    if args.split == "movie":
+        split = movie_grouped_split(keys, read_movie_ids(args.data, ("train",)), args.val_fraction, args.seed)
+    else:
+        split = random_split(len(keys), args.val_fraction, args.seed)
+    if args.max_train:
+        split = Split(split.kind, split.seed, split.train[: args.max_train], split.validation,
+                      split.validation_movies, split.train_movies)
+    log(f"split: {split.summary()}")
+    return split
+
+
+def stage_vocabulary(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, state: RunState) -> Vocabulary:
+    """Training-part tokens → vocabulary (validation words are as unseen as test words); kept in the state."""
+    path = state.dir / "vocab.json"
+    if path.is_file():
+        return Vocabulary.load(path)
+    vocab = Vocabulary.build((corpus.tokens["train"][i] for i in split.train),
+                             TokenizerSettings(max_tokens=args.max_tokens), args.min_freq, args.vocab_size)
+    state.dir.mkdir(parents=True, exist_ok=True)
+    vocab.save(path)
+    log(f"vocabulary: {len(vocab)} tokens")
+    return vocab
+
+
 def word2vec_matrix(vocab: Vocabulary, sentences: list[list[str]], dim: int, epochs: int, seed: int,
                     cache_dir: Path, workers: int) -> np.ndarray:
-    """Skip-gram word2vec on ``sentences`` (train + unsup), as a (len(vocab), dim) matrix; cached."""
+    """Skip-gram word2vec on ``sentences``, as a (len(vocab), dim) matrix with unit std; cached."""
     key = hashlib.sha256(f"{len(sentences)}|{dim}|{epochs}|{seed}|".encode() + "\n".join(vocab.itos).encode())
     path = cache_dir / f"w2v-{key.hexdigest()[:16]}.npy"
     if path.exists():
@@ -106,166 +278,102 @@ def word2vec_matrix(vocab: Vocabulary, sentences: list[list[str]], dim: int, epo
             hits += 1
     # word2vec norms are larger than an embedding layer's usual scale; normalise to unit std.
     matrix[2:] /= matrix[2:].std()
-    print(f"word2vec: {hits}/{len(vocab)} words covered, {time.time() - t0:.0f}s", flush=True)
+    log(f"word vectors: word2vec covers {hits}/{len(vocab)} words, {time.time() - t0:.0f}s")
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(path, matrix)
     return matrix
 
 
-def loss_fn(model: SentimentLSTM, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
-            aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """BCE on the last real token plus ``aux_weight`` × BCE averaged over all real timesteps.
+def stage_word_vectors(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, vocab: Vocabulary,
+                       state: RunState) -> SentimentLSTM:
+    """Vocabulary → a fresh SentimentLSTM, its embedding from word2vec (skipped once a later phase has weights)."""
+    model = SentimentLSTM(ModelConfig(len(vocab), args.embedding_dim, args.hidden_size, args.layers, args.dropout))
+    later = any((state.dir / f"{name}.pt").is_file() for name in ("lm", "finetune"))
+    if args.word_vectors == "word2vec" and not later:
+        sentences = [corpus.tokens["train"][i] for i in split.train] + corpus.tokens["unsup"]
+        matrix = word2vec_matrix(vocab, sentences, args.embedding_dim, args.w2v_epochs, args.seed,
+                                 Path(args.cache_dir), args.workers)
+        model.embedding.weight.data.copy_(torch.from_numpy(matrix))
+    return model
 
-    The per-step term (target replication, Lipton et al. 2015) gives every step a gradient, which
-    helps a long LSTM train and makes the trace meaningful early in a review.
+
+def encode(vocab: Vocabulary, token_lists: Sequence[list[str]], truncate: bool) -> list[list[int]]:
+    """Token lists → id lists, cut to the classifier's length (keep the end) when ``truncate``."""
+    if truncate:
+        return [vocab.encode_tokens(t).ids for t in token_lists]
+    return [vocab.lookup(t) for t in token_lists]
+
+
+def stage_language_model(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, vocab: Vocabulary,
+                         model: SentimentLSTM, state: RunState, timebox: TimeBox) -> dict | None:
+    """Model (word-vector init) → model with a pre-trained embedding + LSTM; returns the phase report.
+
+    Trains on the full, untruncated text of the training part + unsup; validation reviews only give
+    the held-out perplexity and the probe's accuracy.
     """
-    step = model.step_logits(ids)  # (B, T)
-    last = step.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # (B,)
-    loss = F.binary_cross_entropy_with_logits(last, labels)
-    if aux_weight > 0:
-        mask = (torch.arange(ids.size(1), device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).float()  # (B, T)
-        per_step = F.binary_cross_entropy_with_logits(step, labels.unsqueeze(1).expand_as(step), reduction="none")
-        aux = (per_step * mask).sum(1) / lengths.float()  # (B,)
-        loss = (1 - aux_weight) * loss + aux_weight * aux.mean()
-    return loss, last
+    if args.lm_epochs <= 0 or (state.dir / "finetune.pt").is_file():  # nothing to do, or already past it
+        return state.info.get("phases", {}).get("lm")
+    train_tokens = [corpus.tokens["train"][i] for i in split.train] + corpus.tokens["unsup"]
+    texts = [np.asarray(ids, dtype=np.int32) for ids in encode(vocab, train_tokens, truncate=False) if ids]
+    held_out = [np.asarray(ids, dtype=np.int32)
+                for ids in encode(vocab, [corpus.tokens["train"][i] for i in split.validation], truncate=False) if ids]
+    probe = None
+    if args.probe_reviews > 0:
+        pick = random.Random(args.seed).sample(split.train, min(args.probe_reviews, len(split.train)))
+        labels = corpus.labels["train"]
+        p_train = (encode(vocab, [corpus.tokens["train"][i] for i in pick], True), [labels[i] for i in pick])
+        p_val = (encode(vocab, [corpus.tokens["train"][i] for i in split.validation], True),
+                 [labels[i] for i in split.validation])
+
+        def probe(m: SentimentLSTM) -> float:
+            return probe_accuracy(m, p_train, p_val, use_bf16(args))
+
+    cfg = LMConfig(epochs=args.lm_epochs, bptt=args.lm_bptt, rows=args.lm_rows, lr=args.lm_lr,
+                   warmup_steps=args.lm_warmup_steps, weight_decay=args.lm_weight_decay, dropout=args.lm_dropout,
+                   clip=args.lm_clip, bf16=use_bf16(args), eval_tokens=args.lm_eval_tokens)
+    log(f"language model: {sum(len(t) + 1 for t in texts):,} tokens per epoch from {len(texts):,} reviews, "
+        f"{len(held_out):,} held-out reviews; {'bf16' if cfg.bf16 else 'fp32'}")
+    return pretrain_language_model(model, texts, held_out, cfg, args.seed, state, timebox, probe, log)
 
 
-def evaluate_split(model: SentimentLSTM, ids: list[list[int]], labels: list[int], device: torch.device) -> dict:
+def evaluate_split(model: SentimentLSTM, ids: list[list[int]], labels: list[int]) -> dict:
+    """Metrics of an eager model on encoded reviews (fp32, eval mode)."""
     model.eval()
-    return compute_metrics(predict_ids(model, ids, device), labels)
+    return compute_metrics(predict_ids(model, ids, torch.device("cpu")), labels)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    seed_everything(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    cache_dir, ckpt_dir = Path(args.cache_dir), Path(args.checkpoint_dir)
-    data_path = Path(args.data)
-    if args.download and not data_path.exists():
-        from sentiment.imdb import download_imdb
+def stage_fine_tune(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, vocab: Vocabulary,
+                    model: SentimentLSTM, state: RunState, timebox: TimeBox) -> tuple[dict, dict]:
+    """Pre-trained model → sentiment classifier (weights averaged); returns (report, validation metrics).
 
-        download_imdb(data_path)
-    started = time.time()
+    Also writes the validation predictions to --state-dir for paired comparisons (training.compare).
+    """
+    labels = corpus.labels["train"]
+    train = (encode(vocab, [corpus.tokens["train"][i] for i in split.train], True), [labels[i] for i in split.train])
+    val_ids = encode(vocab, [corpus.tokens["train"][i] for i in split.validation], True)
+    val_labels = [labels[i] for i in split.validation]
+    cfg = FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, group_decay=args.lr_group_decay,
+                         gradual_unfreezing=args.gradual_unfreezing, warmup_fraction=args.warmup_fraction,
+                         ema_decay=args.ema_decay, adv_eps=args.adv_eps, adv_weight=args.adv_weight,
+                         aux_weight=args.aux_weight, clip=args.clip, weight_decay=args.weight_decay,
+                         bf16=use_bf16(args))
+    report = fine_tune(model, train, cfg, args.seed, state, timebox, lambda m: evaluate_split(m, val_ids, val_labels),
+                       log)
+    model.eval()
+    probs = predict_ids(model, val_ids, torch.device("cpu"))
+    keys = [corpus.keys["train"][i] for i in split.validation]
+    (state.dir / "validation_predictions.json").write_text(json.dumps(
+        {"split": split.summary(), "labels": dict(zip(keys, val_labels)),
+         "probabilities": {k: round(p, 6) for k, p in zip(keys, probs)}}) + "\n", encoding="utf-8")
+    return report, compute_metrics(probs, val_labels)
 
-    init = load_artifacts(args.init_from, "cpu") if args.init_from else None
-    settings = init.vocab.settings if init else TokenizerSettings(max_tokens=args.max_tokens)
-    corpus = load_tokenized(data_path, settings, cache_dir, args.workers)
-    print(f"tokenised corpus ready in {time.time() - started:.0f}s: "
-          + ", ".join(f"{k}={len(v)}" for k, v in corpus.tokens.items()), flush=True)
 
-    # Validation split carved from the labelled training reviews with a fixed seed.
-    order = list(range(len(corpus.tokens["train"])))
-    random.Random(args.seed).shuffle(order)
-    n_val = int(round(len(order) * args.val_fraction))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if args.max_train:
-        train_idx = train_idx[: args.max_train]
-
-    vocab = init.vocab if init else Vocabulary.build(
-        (corpus.tokens["train"][i] for i in train_idx), settings, args.min_freq, args.vocab_size)
-    # (Only the training split feeds the vocabulary, so validation words are as unseen as test words.)
-
-    def encode(split: str, idx: Sequence[int]) -> tuple[list[list[int]], list[int]]:
-        toks, labs = corpus.tokens[split], corpus.labels[split]
-        return [vocab.encode_tokens(toks[i]).ids for i in idx], [labs[i] for i in idx]
-
-    train_ids, train_labels = encode("train", train_idx)
-    val_ids, val_labels = encode("train", val_idx)
-
-    lm_report = None
-    if init:
-        config = ModelConfig(**init.card["architecture"]["config"])
-        model = SentimentLSTM(config)
-        model.load_state_dict(init.model.state_dict())
-    else:
-        config = ModelConfig(len(vocab), args.embedding_dim, args.hidden_size, args.layers, args.dropout)
-        model = SentimentLSTM(config)
-        if args.word_vectors == "word2vec":
-            unsup_and_train = [corpus.tokens["train"][i] for i in train_idx] + corpus.tokens["unsup"]
-            matrix = word2vec_matrix(vocab, unsup_and_train, args.embedding_dim, args.w2v_epochs, args.seed,
-                                     cache_dir, args.workers)
-            model.embedding.weight.data.copy_(torch.from_numpy(matrix))
-        if args.lm_epochs > 0:
-            # The validation reviews stay out of pre-training too; test reviews are never read.
-            lm_texts = train_ids + [vocab.encode_tokens(t).ids for t in corpus.tokens["unsup"]]
-            init_digest = hashlib.sha256(model.embedding.weight.detach().numpy().tobytes()).hexdigest()
-            key = cache_key(vocab.itos, asdict(config), len(lm_texts), args.seed, init_digest)
-            lm_report = pretrain_language_model(model.to(device), lm_texts, args.lm_epochs, args.seed, device,
-                                                cache_dir / f"lm-{key}.pt", args.batch_size, args.lm_lr)
-            del lm_texts
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
-
-    state = {"epoch": 0, "best_acc": -1.0, "best_state": None, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
-    last_ckpt = ckpt_dir / "last.pt"
-    if args.resume and last_ckpt.exists():
-        ckpt = torch.load(last_ckpt, map_location=device, weights_only=False)
-        if ckpt["vocab"] != vocab.itos or ckpt["config"] != asdict(config):
-            raise SystemExit("checkpoint was made with a different vocabulary or model config; cannot resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-        random.setstate(ckpt["py_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        print(f"resumed after epoch {state['epoch']} (best val acc {state['best_acc']:.4f})", flush=True)
-
-    lengths = [len(x) for x in train_ids]
-    while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
-        epoch = state["epoch"] + 1
-        model.train()
-        t0 = time.time()
-        seen = correct = 0
-        total_loss = 0.0
-        batches = length_buckets(lengths, args.batch_size, seed=args.seed + epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", mininterval=30, file=sys.stdout)
-        for batch in bar:
-            ids, lens = pad_batch([train_ids[i] for i in batch])
-            y = torch.tensor([train_labels[i] for i in batch], dtype=torch.float32, device=device)
-            ids, lens = ids.to(device), lens.to(device)
-            loss, last = loss_fn(model, ids, lens, y, args.aux_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
-            seen += len(batch)
-            correct += int(((last > 0).float() == y).sum())
-            total_loss += float(loss.detach()) * len(batch)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
-        epoch_seconds = time.time() - t0
-        val = evaluate_split(model, val_ids, val_labels, device)
-        scheduler.step(val["accuracy"])
-        improved = val["accuracy"] > state["best_acc"]
-        if improved:
-            state["best_acc"] = val["accuracy"]
-            state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            state["bad_epochs"] = 0
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["train_seconds"] += epoch_seconds
-        state["history"].append({"epoch": epoch, "train_loss": round(total_loss / seen, 5),
-                                 "train_accuracy": round(correct / seen, 5), "val_accuracy": val["accuracy"],
-                                 "seconds": round(epoch_seconds, 1), "lr": optimizer.param_groups[0]["lr"]})
-        print(f"epoch {epoch}: train loss {total_loss / seen:.4f} acc {correct / seen:.4f} | "
-              f"val acc {val['accuracy']:.4f}{' *' if improved else ''} | {epoch_seconds:.0f}s "
-              f"({seen / epoch_seconds:.0f} reviews/s)", flush=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state, "vocab": vocab.itos,
-                    "config": asdict(config), "args": vars(args), "py_rng": random.getstate(),
-                    "torch_rng": torch.get_rng_state()}, last_ckpt.with_suffix(".tmp"))
-        last_ckpt.with_suffix(".tmp").replace(last_ckpt)
-
-    if state["best_state"] is None:
-        raise SystemExit("no epoch was trained (check --epochs)")
-    model.load_state_dict(state["best_state"])
-    model.cpu().eval()
-    val = evaluate_split(model, val_ids, val_labels, torch.device("cpu"))
-    card = {
+def model_card(args: argparse.Namespace, model: SentimentLSTM, corpus: TokenizedCorpus, split: Split,
+               lm_report: dict | None, ft_report: dict, validation: dict, state: RunState) -> dict:
+    """Everything the artifacts should say about how the model was made."""
+    config = ModelConfig(len(model.embedding.weight), args.embedding_dim, args.hidden_size, args.layers, args.dropout)
+    sessions = state.info.get("sessions", [])
+    return {
         "version": "sentiment-lstm-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M"),
         "task": "binary sentiment of English movie reviews (IMDB); probability of positive",
         "architecture": {
@@ -275,38 +383,92 @@ def main(argv: Sequence[str] | None = None) -> int:
             "prediction": "sigmoid output at the last real token; the trace is the output after every token",
         },
         "training": {
-            "args": {k: v for k, v in vars(args).items()},
-            "init_from": init.card.get("version") if init else None,
+            "recipe": state.info["recipe"],
+            "precision": "bf16 autocast" if use_bf16(args) else "fp32",
             "language_model_pretraining": lm_report,
-            "epochs_run": state["epoch"],
-            "best_epoch": max(state["history"], key=lambda h: h["val_accuracy"])["epoch"],
-            "history": state["history"],
-            "train_seconds": round(state["train_seconds"], 1),
-            "wall_seconds": round(time.time() - started, 1),
+            "fine_tuning": ft_report,
+            "sessions": sessions,
+            "cpu_hours": round(sum(s.get("seconds", 0) * s.get("threads", 1) for s in sessions) / 3600, 2),
             "hardware": {"machine": platform.machine(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
-                         "cpu_threads": torch.get_num_threads(), "device": str(device),
-                         "torch": torch.__version__, "python": platform.python_version()},
+                         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "python": platform.python_version()},
         },
         "data": {"source": "Large Movie Review Dataset v1.0 (aclImdb, Maas et al. 2011)",
                  "archive_sha256": corpus.data_sha256,
-                 "train_reviews": len(train_idx), "validation_reviews": len(val_idx),
-                 "unsup_reviews_for_pretraining": len(corpus.tokens["unsup"])
-                 if (args.word_vectors != "none" or args.lm_epochs > 0) else 0,
+                 "split": split.summary(),
+                 "train_reviews": len(split.train), "validation_reviews": len(split.validation),
+                 "unsup_reviews_for_pretraining": len(corpus.tokens["unsup"]),
                  "test_reviews": len(corpus.tokens["test"])},
-        "metrics": {"validation": val},
+        "metrics": {"validation": {**validation, "split": split.kind}},
         "baseline": {"tfidf_logistic_regression_test_accuracy": 0.906,
                      "note": "word 1-2-grams, sublinear tf, fitted on the 25k training reviews"},
     }
-    out = export_artifacts(model, vocab, card, args.out)
+
+
+def stage_export(model: SentimentLSTM, vocab: Vocabulary, card: dict, out: str | Path) -> Path:
+    """Trained model + vocabulary + card → TorchScript artifacts directory (fp32 weights)."""
+    model.float().cpu().eval()
+    path = export_artifacts(model, vocab, card, out)
+    log(f"export: {path}")
+    return path
+
+
+def stage_test(out: Path, corpus: TokenizedCorpus, model: SentimentLSTM, vocab: Vocabulary, card: dict) -> dict:
+    """Exported artifacts → metrics on all test reviews, written into the model card (re-exported)."""
+    art = load_artifacts(out, "cpu")  # score what was exported, not the eager model
+    test_ids = [art.vocab.encode_tokens(t).ids for t in corpus.tokens["test"]]
+    card["metrics"]["test"] = compute_metrics(predict_ids(art.model, test_ids, art.device), corpus.labels["test"])
+    export_artifacts(model, vocab, card, out)
+    log(f"test: accuracy {card['metrics']['test']['accuracy']:.4f} on {card['metrics']['test']['n']} reviews")
+    return card["metrics"]["test"]
+
+
+def continue_command(argv: Sequence[str] | None) -> str:
+    """The command that continues this run: the same flags (the recipe is read from --state-dir)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "python -m training.train " + " ".join(shlex.quote(a) for a in args)
+
+
+def main(argv: Sequence[str] | None = None, handle_signals: bool = False) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    state = RunState(args.state_dir, args.checkpoint_dir)
+    adopt_recipe(args, state)
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timebox = TimeBox(args.stop_after_minutes, args.stop_after_steps, args.checkpoint_every_minutes, handle_signals)
+    session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
+               "precision": "bf16" if use_bf16(args) else "fp32"}
+    state.info.setdefault("sessions", []).append(session)
+
+    def end_session(reached: str) -> None:
+        session.update({"seconds": round(time.time() - started, 1), "reached": reached})
+        state.save_info()
+
+    corpus = stage_data(args)
+    split = stage_split(args, corpus)
+    state.info["split"] = split.summary()
+    vocab = stage_vocabulary(args, corpus, split, state)
+    model = stage_word_vectors(args, corpus, split, vocab, state)
+    try:
+        lm_report = stage_language_model(args, corpus, split, vocab, model, state, timebox)
+        end_session("language model done")
+        ft_report, validation = stage_fine_tune(args, corpus, split, vocab, model, state, timebox)
+    except TimeBoxReached as stop:
+        end_session(f"{stop.phase}: {stop.where}")
+        log(f"stopped ({timebox.reason()}) in {stop.phase} at {stop.where}; state saved in {state.dir}/ "
+            f"(commit it) and {state.checkpoint_dir}/ (local, exact).")
+        log(f"continue with: {continue_command(argv)}")
+        return 0
+    end_session("fine-tuning done")
+    log(f"validation ({split.kind} split): {json.dumps(validation)}")
+    card = model_card(args, model, corpus, split, lm_report, ft_report, validation, state)
+    out = stage_export(model, vocab, card, args.out)
     if not args.no_test:
-        art = load_artifacts(out, "cpu")  # score what was exported, not the eager model
-        test_ids = [art.vocab.encode_tokens(t).ids for t in corpus.tokens["test"]]
-        card["metrics"]["test"] = compute_metrics(predict_ids(art.model, test_ids, art.device), corpus.labels["test"])
-        out = export_artifacts(model, vocab, card, args.out)
-        print(f"test accuracy {card['metrics']['test']['accuracy']:.4f} on {card['metrics']['test']['n']} reviews")
-    print(f"exported to {out} ({json.dumps(card['metrics']['validation'])})", flush=True)
+        stage_test(out, corpus, model, vocab, card)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(handle_signals=True))
