@@ -4,20 +4,27 @@ It knows neither HTTP nor tensors: it gathers *items* from concurrent callers, h
 to a blocking ``process`` function in an executor, and gives every caller its own result or
 exception. Policy:
 
-* The worker takes everything queued (up to ``max_batch_size``) as soon as the model is free, so
-  under load the batch grows by itself while the previous batch runs.
+* The worker takes what is queued (up to ``max_batch_size`` items and ``max_batch_cost``) as soon
+  as the model is free, so under load the batch grows by itself while the previous batch runs.
+* **Fairness**: items are taken round-robin across submissions (one item per waiting request in
+  turn), so a one-text request is never stuck behind another caller's backlog of 64 long texts.
 * A lone request at idle runs at once: the worker only lingers (up to ``max_wait_s``) for more
   items when the previous batch showed concurrent traffic (it had more than one item).
-* The queue is bounded (``max_queue`` items); a submission that does not fit is refused whole with
-  :class:`QueueFullError`, so a request is never half-queued.
-* A cancelled caller (timeout, disconnect) leaves nothing behind: its items are skipped.
+* **Admission by cost**: each item carries a cost (work, not a count); the queue is bounded in
+  items and in cost, and a submission that does not fit is refused whole with
+  :class:`QueueFullError`, so a request is never half-queued. :meth:`estimated_wait_s` predicts the
+  wait from the measured cost throughput, so callers can shed at once instead of timing out.
+* A cancelled caller (timeout, disconnect, server shutdown) leaves nothing behind: its queued items
+  are removed at once and stop counting in :attr:`depth` and :attr:`queued_cost`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
+import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -28,6 +35,8 @@ R = TypeVar("R")
 T_contra = TypeVar("T_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)
 log = logging.getLogger(__name__)
+
+THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the cost-throughput average
 
 
 class QueueFullError(RuntimeError):
@@ -42,6 +51,8 @@ class BatcherClosedError(RuntimeError):
 class _Pending(Generic[T]):
     item: T
     future: asyncio.Future
+    cost: float
+    group: int  # which submission it came from (fairness, cancellation)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -56,7 +67,7 @@ BatchObserver = Callable[[int, list[float], float], None]  # (batch size, queue 
 
 
 class MicroBatcher(Generic[T, R]):
-    """Dynamic batching of items from concurrent callers into calls of ``process``."""
+    """Dynamic, fair batching of items from concurrent callers into calls of ``process``."""
 
     def __init__(
         self,
@@ -66,81 +77,152 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float = 0.002,
         max_queue: int = 1024,
         on_batch: BatchObserver | None = None,
+        max_queue_cost: float = math.inf,
+        max_batch_cost: float = math.inf,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be ≥ 1 and max_wait_s ≥ 0")
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or max_queue_cost <= 0 or max_batch_cost <= 0:
+            raise ValueError("max_batch_size, max_queue ≥ 1, max_wait_s ≥ 0 and costs > 0 are required")
         self._process = process
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_cost = max_queue_cost
+        self.max_batch_cost = max_batch_cost
         self._on_batch = on_batch
-        self._queue: collections.deque[_Pending[T]] = collections.deque()
+        # submission id → its items not yet taken; insertion order is the round-robin order.
+        self._groups: collections.OrderedDict[int, collections.deque[_Pending[T]]] = collections.OrderedDict()
+        self._ids = itertools.count()
+        self._depth = 0
+        self._queued_cost = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
         self._last_batch_size = 0
+        self.running_since: float | None = None  # time.monotonic() when the running batch started
+        self._running_cost = 0.0
+        self.cost_per_s: float | None = None  # smoothed cost throughput of the process function
 
     @property
     def depth(self) -> int:
-        """Items waiting in the queue (not yet in a running batch)."""
-        return len(self._queue)
+        """Live items waiting in the queue (not yet in a running batch)."""
+        return self._depth
+
+    @property
+    def queued_cost(self) -> float:
+        """Total cost of the live items waiting in the queue."""
+        return self._queued_cost
 
     @property
     def closed(self) -> bool:
         """True once :meth:`stop` was called: new submissions are refused."""
         return self._closing
 
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The worker task (the service watches it: a dead worker means no answers)."""
+        return self._task
+
+    def estimated_wait_s(self, extra_cost: float = 0.0) -> float:
+        """Predicted time until ``extra_cost`` more work would be done: what is queued plus the rest
+        of the running batch, at the measured throughput (0 before any batch was measured)."""
+        if not self.cost_per_s:
+            return 0.0
+        running_left = 0.0
+        if self.running_since is not None:
+            running_left = max(0.0, self._running_cost / self.cost_per_s - (time.monotonic() - self.running_since))
+        return running_left + (self._queued_cost + extra_cost) / self.cost_per_s
+
     def start(self) -> None:
         """Start the worker task on the running loop."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
-    async def submit_many(self, items: Sequence[T]) -> list[R | Exception]:
+    async def submit_many(self, items: Sequence[T], costs: Sequence[float] | None = None) -> list[R | Exception]:
         """Queue ``items`` together and wait for their outcomes, in order: each a result or the
-        exception ``process`` gave for that item alone.
+        exception ``process`` gave for that item alone. ``costs`` (default 1 each) is their work.
 
         Raises :class:`QueueFullError` when they do not fit and :class:`BatcherClosedError` when
-        draining. Cancelling the awaiting task cancels the caller's items that have not started yet.
+        draining. Cancelling the awaiting task removes the caller's items that have not started.
         """
+        costs = [1.0] * len(items) if costs is None else list(costs)
         if self._closing:
             raise BatcherClosedError("the service is shutting down")
-        if len(self._queue) + len(items) > self.max_queue:
-            raise QueueFullError(f"queue is full ({len(self._queue)} of {self.max_queue} texts waiting)")
+        total = sum(costs)
+        if self._depth + len(items) > self.max_queue:
+            raise QueueFullError(f"queue is full ({self._depth} of {self.max_queue} texts waiting)")
+        if self._depth and self._queued_cost + total > self.max_queue_cost:
+            raise QueueFullError(f"queue is full ({self._queued_cost:.0f} of {self.max_queue_cost:.0f} work units waiting)")
         loop = asyncio.get_running_loop()
-        pending = [_Pending(item, loop.create_future()) for item in items]
-        self._queue.extend(pending)
+        group = next(self._ids)
+        pending = [_Pending(item, loop.create_future(), cost, group) for item, cost in zip(items, costs)]
+        self._groups[group] = collections.deque(pending)
+        self._depth += len(pending)
+        self._queued_cost += total
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*(p.future for p in pending), return_exceptions=True))
         except BaseException:
+            self._forget(group)
             for p in pending:
-                p.future.cancel()  # no-op for finished ones; queued ones get skipped
+                p.future.cancel()  # no-op for finished ones
             raise
 
-    async def stop(self, drain: bool = True) -> None:
-        """Refuse new work; finish what is queued (``drain``) or fail it; stop the worker."""
+    def _forget(self, group: int) -> None:
+        """Drop a cancelled submission's queued items now, so depth and cost count live work only."""
+        left = self._groups.pop(group, None)
+        if left:
+            self._depth -= len(left)
+            self._queued_cost -= sum(p.cost for p in left)
+
+    async def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Refuse new work; finish what is queued (``drain``) or fail it; stop the worker.
+
+        With ``timeout_s``, the drain is bounded: what is still queued then fails with
+        :class:`BatcherClosedError` (a running batch cannot be interrupted; it is not waited for).
+        """
         self._closing = True
         if not drain:
-            while self._queue:
-                p = self._queue.popleft()
+            self._fail_queued()
+        self._wakeup.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain did not finish within %.1fs; failing %d queued texts", timeout_s, self._depth)
+            self._fail_queued()
+        self._task = None
+
+    def _fail_queued(self) -> None:
+        for group in list(self._groups):
+            for p in self._groups[group]:
                 if not p.future.done():
                     p.future.set_exception(BatcherClosedError("the service is shutting down"))
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+            self._forget(group)
 
     def _take(self, batch: list[_Pending[T]]) -> None:
-        while self._queue and len(batch) < self.max_batch_size:
-            p = self._queue.popleft()
-            if not p.future.done():  # cancelled callers leave no work behind
+        """Add items round-robin across submissions until the batch is full (count or cost)."""
+        cost = sum(p.cost for p in batch)
+        while self._groups and len(batch) < self.max_batch_size and (not batch or cost < self.max_batch_cost):
+            group, items = next(iter(self._groups.items()))
+            p = items.popleft()
+            self._depth -= 1
+            self._queued_cost -= p.cost
+            if items:
+                self._groups.move_to_end(group)  # its next item waits for the other submissions' turn
+            else:
+                del self._groups[group]
+            if not p.future.done():
                 batch.append(p)
+                cost += p.cost
+        if not self._groups:
+            self._queued_cost = 0.0  # no float drift when the queue empties
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._groups:
                 if self._closing:
                     return
                 self._wakeup.clear()
@@ -169,6 +251,8 @@ class MicroBatcher(Generic[T, R]):
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
         started = time.perf_counter()
         waits = [started - p.enqueued for p in batch]
+        self._running_cost = sum(p.cost for p in batch)
+        self.running_since = time.monotonic()
         try:
             results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
             if len(results) != len(batch):
@@ -176,7 +260,13 @@ class MicroBatcher(Generic[T, R]):
         except Exception as exc:  # the whole batch failed: every caller hears why, none hangs
             log.exception("batch of %d items failed", len(batch))
             results = [exc] * len(batch)
+        finally:
+            self.running_since = None
         elapsed = time.perf_counter() - started
+        if elapsed > 0:
+            rate = self._running_cost / elapsed
+            self.cost_per_s = rate if self.cost_per_s is None else (
+                (1 - THROUGHPUT_SMOOTHING) * self.cost_per_s + THROUGHPUT_SMOOTHING * rate)
         for p, result in zip(batch, results):
             if p.future.done():
                 continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -21,7 +21,12 @@ class ServiceMetrics:
             "sentiment_requests_in_flight", "Prediction requests being served now.", registry=r)
         self.batch_size = Histogram(
             "sentiment_batch_size", "Texts per batch handed to the model.", buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for a batch.", registry=r)
+        self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for a batch (live work only).", registry=r)
+        self.queue_cost = Gauge(
+            "sentiment_queue_cost", "Work waiting for a batch, in characters (a gate trace counts 8x).", registry=r)
+        self.estimated_wait = Gauge(
+            "sentiment_queue_estimated_wait_seconds", "Predicted wait for new work at the measured throughput.",
+            registry=r)
         self.queue_wait = Histogram(
             "sentiment_queue_wait_seconds", "Time a text waited in the queue before its batch started.",
             buckets=LATENCY_BUCKETS, registry=r)
@@ -38,3 +43,6 @@ class ServiceMetrics:
         self.errors = Counter("sentiment_errors", "Requests that failed, by kind.", ["kind"], registry=r)
         self.model_info = Info("sentiment_model", "The loaded model.", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds …; python_info.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import openapi_responses
 from app.schemas import GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
-from app.service import SentimentService, State
+from app.service import SentimentService
 from sentiment import LABEL_THRESHOLD
 
 router = APIRouter()
@@ -74,19 +74,25 @@ async def model_info(request: Request) -> ModelInfo:
     )
 
 
-@router.get("/health/live", response_model=Health, tags=["health"], summary="The process is up")
-async def live() -> Health:
-    return Health(status="alive")
+@router.get("/health/live", response_model=Health, responses={503: {"model": Health}}, tags=["health"],
+            summary="The process can still serve: 503 once only a restart can help (load failed, a batch hung)")
+async def live(request: Request) -> JSONResponse:
+    service = _service(request)
+    if service.is_alive():
+        return JSONResponse(Health(status="alive").model_dump())
+    _, status, detail = service.readiness()
+    return JSONResponse(Health(status=status, detail=detail).model_dump(), status_code=503)
 
 
 @router.get("/health/ready", response_model=Health, responses={503: {"model": Health}}, tags=["health"],
-            summary="The model is loaded and warmed up, and the service is not draining")
+            summary="The model is loaded and warmed up, no batch is stuck, and the service is not draining")
 async def ready(request: Request) -> JSONResponse:
     service = _service(request)
     engine = service.engine
-    health = Health(status=service.state.value, detail=service.detail,
+    is_ready, status, detail = service.readiness()
+    health = Health(status=status, detail=detail,
                     model_version=engine.version if engine else None, device=str(engine.device) if engine else None)
-    return JSONResponse(health.model_dump(), status_code=200 if service.state is State.READY else 503)
+    return JSONResponse(health.model_dump(), status_code=200 if is_ready else 503)
 
 
 @router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)

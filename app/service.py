@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -35,6 +36,15 @@ from app.settings import Settings
 from sentiment.engine import EmptyTextError, Score, ScoreRequest, SentimentEngine
 
 log = logging.getLogger("app")
+
+# Queue cost model (see SentimentService.text_cost), from measurements with the shipped model on CPU:
+# tokenising + forward cost about 1 µs per character, a text about 50 µs more, a gate trace ~8× more.
+CHARS_PER_TOKEN = 8
+TEXT_OVERHEAD_CHARS = 50
+GATES_COST_FACTOR = 8
+
+# JSON can carry "\ud800" alone; Python keeps it, but it is not Unicode and no encoder can take it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class State(str, Enum):
@@ -59,8 +69,11 @@ class SentimentService:
         # One model thread: each batch is tokenised and run there, off the event loop; torch uses its
         # own intra-op threads for the forward pass.
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.on_fatal: Callable[[], None] | None = None  # set by ``python -m app``: stop the process
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
-        self.metrics.ready.set_function(lambda: 1.0 if self.state is State.READY else 0.0)
+        self.metrics.queue_cost.set_function(lambda: self.batcher.queued_cost if self.batcher else 0)
+        self.metrics.estimated_wait.set_function(lambda: self.batcher.estimated_wait_s() if self.batcher else 0)
+        self.metrics.ready.set_function(lambda: 1.0 if self.is_ready() else 0.0)
 
     # ---- life cycle -------------------------------------------------------------------------
     @staticmethod
@@ -83,22 +96,62 @@ class SentimentService:
         loop = asyncio.get_running_loop()
         try:
             engine = await loop.run_in_executor(self._model_executor, self._load_blocking)
-        except Exception as exc:
-            self.state, self.detail = State.FAILED, f"model failed to load: {exc}"
-            log.critical("%s (artifacts: %s) — readiness stays 503", self.detail, self.settings.artifacts_dir)
+        except Exception:
+            # The reason (with file paths) goes to the log only; clients see a fixed detail.
+            log.critical("model failed to load from %s", self.settings.artifacts_dir, exc_info=True)
+            self._fail("model failed to load (see the service log)")
             return
         self.engine = engine
         self.batcher = MicroBatcher(
             self.score_batch, self._model_executor,
             max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000,
-            max_queue=self.settings.max_queue, on_batch=self._observe_batch)
+            max_queue=self.settings.max_queue, on_batch=self._observe_batch,
+            max_batch_cost=self.settings.max_batch_cost)
         self.batcher.start()
+        assert self.batcher.task is not None
+        self.batcher.task.add_done_callback(self._on_worker_exit)
         card = engine.artifacts.card
         self.metrics.model_info.info({"version": engine.version, "device": str(engine.device),
                                       "vocab_size": str(len(engine.artifacts.vocab)),
                                       "test_accuracy": str(card.get("metrics", {}).get("test", {}).get("accuracy", ""))})
         if self.state is State.LOADING:
             self.state, self.detail = State.READY, None
+
+    def _fail(self, detail: str) -> None:
+        """Serving is impossible (load failed, batch worker died): readiness and liveness fail, and
+        under ``python -m app`` the process exits non-zero so that the orchestrator restarts it."""
+        self.state, self.detail = State.FAILED, detail
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def _on_worker_exit(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            log.critical("the batch worker stopped unexpectedly", exc_info=None if task.cancelled() else task.exception())
+            self._fail("the batch worker stopped (see the service log)")
+
+    def stuck_for_s(self) -> float:
+        """How long the running batch has been running beyond ``stuck_batch_s`` (0 if not stuck)."""
+        since = self.batcher.running_since if self.batcher else None
+        if since is None:
+            return 0.0
+        return max(0.0, time.monotonic() - since - self.settings.stuck_batch_s)
+
+    def is_ready(self) -> bool:
+        return self.state is State.READY and self.stuck_for_s() == 0
+
+    def is_alive(self) -> bool:
+        """False when only a restart can help: serving failed, or a batch has hung past the bound."""
+        if self.state is State.FAILED:
+            return False
+        return self.stuck_for_s() <= self.settings.stuck_liveness_s - self.settings.stuck_batch_s
+
+    def readiness(self) -> tuple[bool, str, str | None]:
+        """(ready, status, detail) for ``/health/ready``; details never carry paths or exception text."""
+        if self.state is State.READY and self.stuck_for_s() > 0:
+            since = self.batcher.running_since if self.batcher else None
+            running = time.monotonic() - since if since is not None else 0.0
+            return False, "stuck", f"a batch has been running for {running:.0f}s"
+        return self.state is State.READY, self.state.value, self.detail
 
     def begin_draining(self) -> None:
         """Readiness turns 503 at once; accepted work still finishes."""
@@ -110,8 +163,9 @@ class SentimentService:
         """Finish every accepted text, then release the executors."""
         self.begin_draining()
         if self.batcher is not None:
-            await self.batcher.stop(drain=True)
-        self._model_executor.shutdown(wait=True)
+            await self.batcher.stop(drain=True, timeout_s=self.settings.graceful_timeout_s)
+        # A hung batch must not hold the process forever: do not wait for the model thread.
+        self._model_executor.shutdown(wait=self.stuck_for_s() == 0, cancel_futures=True)
         log.info("shutdown complete")
 
     def install_sigterm_hook(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -140,15 +194,17 @@ class SentimentService:
 
     # ---- request path -----------------------------------------------------------------------
     def require_ready(self) -> SentimentEngine:
+        """The engine, or the 503 that says why the service cannot take predictions now."""
         # While draining, requests that still arrive (load balancers take a moment to notice the
         # 503 readiness) are served until the batcher closes; only then are they refused.
         serving = self.state is State.READY or (self.state is State.DRAINING and self.batcher is not None
                                                  and not self.batcher.closed)
-        if serving and self.engine is not None:
+        if serving and self.engine is not None and self.stuck_for_s() == 0:
             return self.engine
-        kind = {State.LOADING: Errors.NOT_READY_LOADING, State.FAILED: Errors.NOT_READY_FAILED}.get(
-            self.state, Errors.NOT_READY_DRAINING)
-        raise ApiError(kind, detail=self.detail)
+        ready, status, detail = self.readiness()
+        kind = {"loading": Errors.NOT_READY_LOADING, "failed": Errors.NOT_READY_FAILED,
+                "stuck": Errors.NOT_READY_STUCK}.get(status, Errors.NOT_READY_DRAINING)
+        raise ApiError(kind, detail=detail)
 
     def validate_texts(self, texts: Sequence[str]) -> None:
         """Per-request limits from settings; each problem names the text it is about."""
@@ -156,12 +212,19 @@ class SentimentService:
         if len(texts) > s.max_texts:
             raise ApiError(Errors.TOO_MANY_TEXTS, [{"loc": ["body", "texts"], "msg": f"at most {s.max_texts} texts per request"}],
                            count=len(texts), limit=s.max_texts)
+        long_word = re.compile(r"\S{%d,}" % (s.max_word_chars + 1))
         problems = []
         for i, text in enumerate(texts):
             if len(text) > s.max_text_chars:
                 problems.append((Errors.TEXT_TOO_LONG, i, f"text has {len(text)} characters; the limit is {s.max_text_chars}"))
             elif not text.strip():
                 problems.append((Errors.EMPTY_TEXT, i, "text is empty or whitespace"))
+            elif (bad := _LONE_SURROGATE.search(text)) is not None:
+                problems.append((Errors.INVALID_UNICODE, i, f"lone surrogate U+{ord(bad.group()):04X} at character "
+                                 f"{bad.start()}: not valid Unicode (escape astral characters as a \\uD8xx\\uDCxx pair)"))
+            elif (word := long_word.search(text)) is not None:
+                problems.append((Errors.WORD_TOO_LONG, i, f"{len(word.group())} characters without whitespace at character "
+                                 f"{word.start()}; the limit is {s.max_word_chars}"))
         if problems:
             raise self._text_problems(problems)
 
@@ -179,15 +242,32 @@ class SentimentService:
         self.metrics.tokenize_duration.observe(batch.tokenize_seconds)
         return batch.results
 
+    def text_cost(self, text: str, gates: bool) -> float:
+        """The work a text brings to the queue, in characters the tokenizer and model will see: a
+        text is cut to what truncation keeps (about ``CHARS_PER_TOKEN`` × max_tokens), each text has a
+        fixed overhead, and a gate trace (a step-by-step unrolled LSTM) costs ``GATES_COST_FACTOR`` ×."""
+        assert self.engine is not None
+        chars = min(len(text), CHARS_PER_TOKEN * self.engine.max_tokens) + TEXT_OVERHEAD_CHARS
+        return chars * (GATES_COST_FACTOR if gates else 1)
+
     async def predict(self, texts: Sequence[str], trace: bool,
                       disconnected: Callable[[], Awaitable[None]] | None = None,
                       gates: bool = False) -> tuple[SentimentEngine, list[Score]]:
         """Queue the texts for a batch (tokenised and scored on the model thread); wait with the
-        request timeout and a disconnect watch, so a caller who leaves leaves no work behind."""
+        request timeout and a disconnect watch, so a caller who leaves leaves no work behind.
+
+        A request whose predicted wait (queued work ÷ measured throughput) exceeds the request
+        timeout is shed at once with 503 + Retry-After instead of timing out later.
+        """
         engine = self.require_ready()
         self.validate_texts(texts)
         assert self.batcher is not None
-        work = asyncio.ensure_future(self.batcher.submit_many([ScoreRequest(text, trace, gates) for text in texts]))
+        costs = [self.text_cost(t, gates) for t in texts]
+        wait = self.batcher.estimated_wait_s(sum(costs))
+        if wait > self.settings.request_timeout_s:
+            raise ApiError(Errors.OVERLOADED, reason=f"the estimated wait is {wait:.0f}s, over the "
+                           f"{self.settings.request_timeout_s:g}s request timeout")
+        work = asyncio.ensure_future(self.batcher.submit_many([ScoreRequest(t, trace, gates) for t in texts], costs))
         waiters: set[asyncio.Future] = {work}
         watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         if watcher is not None:
@@ -195,11 +275,14 @@ class SentimentService:
         try:
             done, _ = await asyncio.wait(waiters, timeout=self.settings.request_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled by the server (graceful-shutdown timeout): drop the queued texts
+            work.cancel()
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()
         if work not in done:
-            work.cancel()  # cancelled items are skipped by the batcher: no work left behind
+            work.cancel()  # the batcher drops the queued texts at once: no work left behind
             if watcher is not None and watcher in done:
                 raise ApiError(Errors.CLIENT_DISCONNECTED)
             raise ApiError(Errors.TIMEOUT, seconds=self.settings.request_timeout_s)
@@ -223,6 +306,8 @@ class SentimentService:
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, EmptyTextError):
                 problems.append((Errors.EMPTY_TEXT, i, "text contains no tokens after cleaning"))
+            elif isinstance(outcome, BatcherClosedError):  # the drain ran out of time before this text
+                raise ApiError(Errors.NOT_READY_DRAINING, detail=str(outcome))
             elif isinstance(outcome, BaseException):
                 log.error("texts[%d] failed: %s: %s", i, type(outcome).__name__, outcome)
                 raise ApiError(Errors.TEXT_FAILED, index=i) from outcome

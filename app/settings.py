@@ -33,10 +33,19 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16_384, ge=1, description="most padded tokens in one forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a batch waits to fill under concurrent load")
     max_queue: int = Field(1024, ge=1, description="most texts waiting; beyond it requests get 503")
+    max_batch_cost: float = Field(150_000, gt=0, description=(
+        "most work in one batch, in characters (a gate trace counts 8×): keeps batches short, so a light "
+        "request waits for at most one heavy batch"))
     # Request limits
     max_texts: int = Field(64, ge=1, description="most texts in one request")
     max_text_chars: int = Field(20_000, ge=1, description="longest text accepted, in characters")
+    max_word_chars: int = Field(200, ge=1, description=(
+        "longest run of characters without whitespace accepted (spaCy's affix rules are quadratic in a "
+        "word's length: one 20,000-character word of '!' takes a minute; IMDB's longest is 76)"))
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    # Faults
+    stuck_batch_s: float = Field(60.0, gt=0, description="a batch running longer turns readiness 503 (model stuck)")
+    stuck_liveness_s: float = Field(120.0, gt=0, description="a batch running longer fails liveness too (restart me)")
     # Process (python -m app)
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
@@ -50,6 +59,9 @@ class Settings(BaseSettings):
         if self.max_queue < self.max_texts:
             raise ValueError(f"SENTIMENT_MAX_QUEUE ({self.max_queue}) must hold at least one full request "
                              f"(SENTIMENT_MAX_TEXTS = {self.max_texts})")
+        if self.stuck_liveness_s < self.stuck_batch_s:
+            raise ValueError("SENTIMENT_STUCK_LIVENESS_S must be at least SENTIMENT_STUCK_BATCH_S: liveness fails "
+                             "only after readiness has")
         return self
 
 

@@ -64,10 +64,31 @@ class EncodedText:
 
 
 def clean(text: str, settings: TokenizerSettings) -> str:
-    """Apply the pre-tokenisation clean-up (HTML line breaks → spaces)."""
+    """Apply the pre-tokenisation clean-up (HTML line breaks → spaces). Not idempotent ("<br<br />/>"
+    becomes "<br />"), so apply it exactly once."""
     if settings.strip_html_breaks:
         text = _HTML_BREAK.sub(" ", text)
     return text
+
+
+_WORD = re.compile(r"\S+")
+
+
+def cut_words(cleaned: str, keep: int, keep_end: bool = True) -> tuple[str, int]:
+    """Cut a cleaned text to its last (``keep_end``) or first ``keep`` whitespace-separated words.
+
+    Returns the cut text and how many words were dropped. Exact for truncation to ``keep`` tokens:
+    spaCy splits a text at whitespace (``str.isspace``, the same set as ``\\s``) and tokenises each
+    word on its own, and every word gives at least one token, so the last (first) ``keep`` tokens of
+    the text all come from its last (first) ``keep`` words. It bounds the tokenizer's work by the
+    token limit instead of the text's length.
+    """
+    starts = [m.start() for m in _WORD.finditer(cleaned)] if len(cleaned) > keep else []
+    if len(starts) <= keep:
+        return cleaned, 0
+    if keep_end:
+        return cleaned[starts[-keep]:], len(starts) - keep
+    return cleaned[: starts[keep]], len(starts) - keep
 
 
 class Tokenizer:
@@ -83,13 +104,19 @@ class Tokenizer:
         """Return the (lower-cased) tokens of ``text``, whitespace tokens dropped."""
         return self.tokenize_many([text])[0]
 
-    def tokenize_many(self, texts: Iterable[str], batch_size: int = 256) -> list[list[str]]:
-        """Tokenise many texts; faster than calling :meth:`tokenize` in a loop."""
+    def tokenize_many(self, texts: Iterable[str], batch_size: int = 256, already_clean: bool = False) -> list[list[str]]:
+        """Tokenise many texts; faster than calling :meth:`tokenize` in a loop.
+
+        Runs inside spaCy's ``memory_zone``: strings first seen here (every never-seen word) are
+        freed when it ends, so a flood of new words cannot grow the process without bound. The
+        tokens returned are plain Python strings, copied out before the zone closes.
+        """
         lower = self.settings.lowercase
-        cleaned = (clean(t, self.settings) for t in texts)
+        cleaned = texts if already_clean else (clean(t, self.settings) for t in texts)
         out: list[list[str]] = []
-        for doc in self._nlp.tokenizer.pipe(cleaned, batch_size=batch_size):
-            out.append([(t.lower_ if lower else t.text) for t in doc if not t.is_space])
+        with self._nlp.memory_zone():
+            for doc in self._nlp.tokenizer.pipe(cleaned, batch_size=batch_size):
+                out.append([(t.lower_ if lower else t.text) for t in doc if not t.is_space])
         return out
 
 
@@ -140,15 +167,16 @@ class Vocabulary:
         kept = tokens[-limit:] if self.settings.truncation == "keep_end" else tokens[:limit]
         return kept, True
 
-    def encode_tokens(self, tokens: list[str], max_tokens: int | None = None) -> EncodedText:
-        """Truncate and look up already-tokenised text.
+    def encode_tokens(self, tokens: list[str], max_tokens: int | None = None, words_cut: int = 0) -> EncodedText:
+        """Truncate and look up already-tokenised text (``words_cut``: words dropped before
+        tokenising, see :func:`cut_words`; each counts as one token in ``total_tokens``).
 
         A text with no tokens is encoded as one ``<unk>`` so that every text has a last token to
         read the prediction from (serving rejects such texts before they get here).
         """
         kept, truncated = self.truncate(tokens, max_tokens)
         ids = self.lookup(kept) or [UNK_ID]
-        return EncodedText(kept, ids, truncated, len(tokens))
+        return EncodedText(kept, ids, truncated or words_cut > 0, len(tokens) + words_cut)
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary and its tokenizer settings as JSON."""
@@ -181,8 +209,17 @@ class TextEncoder:
         self.tokenizer = Tokenizer(vocab.settings)
 
     def encode_many(self, texts: Sequence[str], max_tokens: int | None = None) -> list[EncodedText]:
-        """Tokenise, truncate and look up ``texts`` (a text may come out with no tokens; callers decide)."""
-        return [self.vocab.encode_tokens(t, max_tokens) for t in self.tokenizer.tokenize_many(texts)]
+        """Clean, cut to the words truncation can keep, tokenise, truncate and look up ``texts``.
+
+        The same tokens as tokenising whole texts and truncating (see :func:`cut_words`); a text may
+        come out with no tokens (callers decide). For a text cut before tokenising,
+        ``total_tokens`` counts each dropped word as one token (a lower bound).
+        """
+        settings = self.vocab.settings
+        limit = settings.token_limit(max_tokens)
+        cut = [cut_words(clean(t, settings), limit, settings.truncation == "keep_end") for t in texts]
+        token_lists = self.tokenizer.tokenize_many([c for c, _ in cut], already_clean=True)
+        return [self.vocab.encode_tokens(tokens, limit, dropped) for tokens, (_, dropped) in zip(token_lists, cut)]
 
     def encode(self, text: str, max_tokens: int | None = None) -> EncodedText:
         """Encode one text (see :meth:`encode_many`)."""

@@ -243,9 +243,12 @@ def test_bad_artifacts_fail_loudly_and_readiness_stays_503(make_client, tiny_art
         time.sleep(0.02)
     r = client.get("/health/ready")
     assert r.status_code == 503 and r.json()["status"] == "failed" and "failed to load" in r.json()["detail"]
-    assert client.post("/v1/predict", json={"texts": ["good"]}).json()["error"]["code"] == "not_ready_failed"
-    assert client.get("/health/live").status_code == 200
-    assert any(rec.levelname == "CRITICAL" for rec in caplog.records)
+    refused = client.post("/v1/predict", json={"texts": ["good"]})
+    assert refused.json()["error"]["code"] == "not_ready_failed" and "retry-after" not in refused.headers
+    assert client.get("/health/live").status_code == 503  # only a restart can help
+    for body in (r.text, refused.text, client.get("/health/live").text):  # no paths or exception text leak
+        assert str(tmp_path) not in body and "Error" not in body and "model.pt" not in body
+    assert any(rec.levelname == "CRITICAL" and str(target) in rec.getMessage() for rec in caplog.records)
 
 
 def test_draining_turns_readiness_503_and_finishes_accepted_work(make_client) -> None:

@@ -53,3 +53,13 @@ def test_max_tokens_only_tightens_the_trained_limit(tiny_artifacts) -> None:
     assert SentimentEngine.load(tiny_artifacts, "cpu", max_tokens=1000).max_tokens == 32
     score = SentimentEngine.load(tiny_artifacts, "cpu", max_tokens=8).score([ScoreRequest("good " * 20)]).results[0]
     assert score.num_tokens == 8 and score.truncated and score.total_tokens == 20
+
+
+def test_a_text_the_tokenizer_cannot_take_fails_alone(tiny_artifacts) -> None:
+    engine = SentimentEngine.load(tiny_artifacts, "cpu")
+    texts = ["good film", "bad \ud800 movie", "awful"]  # spaCy cannot hash a lone surrogate
+    batch = engine.score([ScoreRequest(t) for t in texts])
+    assert batch.errors == [1] and isinstance(batch.results[1], UnicodeError)
+    for i in (0, 2):
+        alone = engine.score([ScoreRequest(texts[i])]).results[0]
+        assert batch.results[i].probability == pytest.approx(alone.probability, abs=1e-6)

@@ -62,3 +62,59 @@ def test_empty_text_gets_one_unk() -> None:
     vocab = Vocabulary.build([["a"]], TokenizerSettings(), min_freq=1)
     enc = TextEncoder(vocab).encode("<br />")
     assert enc.total_tokens == 0 and enc.ids == [UNK_ID]
+
+
+# ---- cutting before tokenising, memory ---------------------------------------------------------
+
+import functools  # noqa: E402
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from sentiment.text import Tokenizer, clean, cut_words  # noqa: E402
+
+_PIECES = st.sampled_from(["good", "film", "<br />", "<br<br />/>", "don't", "!!!", "(", ")", "U.S.", "e.g.",
+                           "http://x.y/z?a=1", ":-)", "\n", "\t", "  ", "\u00a0", "\u2028", "\x1c", "\u202e",
+                           "👍🏽", "e\u0301", "\x00", "—", "'s", "...", "$5", "10:30"])
+_TEXTS = st.one_of(st.lists(_PIECES, max_size=60).map(" ".join), st.lists(_PIECES, max_size=60).map("".join),
+                   st.text(max_size=300).filter(lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t)))
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(limit: int, keep_end: bool) -> TextEncoder:
+    settings = TokenizerSettings(max_tokens=limit, truncation="keep_end" if keep_end else "keep_start")
+    return TextEncoder(Vocabulary(["<pad>", "<unk>", "good"], settings))
+
+
+@given(text=_TEXTS, limit=st.integers(1, 12), keep_end=st.booleans())
+@hsettings(max_examples=300, deadline=None)
+def test_cutting_before_tokenising_keeps_exactly_the_same_tokens(text: str, limit: int, keep_end: bool) -> None:
+    encoder = _encoder(limit, keep_end)
+    vocab, settings = encoder.vocab, encoder.vocab.settings
+    whole = encoder.tokenizer.tokenize(text)
+    expected, truncated = vocab.truncate(whole)
+    enc = encoder.encode(text)
+    assert enc.tokens == expected and enc.truncated == truncated
+    assert enc.total_tokens <= len(whole) and (enc.total_tokens == len(whole) or truncated)
+    cleaned = clean(text, settings)
+    cut, dropped = cut_words(cleaned, limit, keep_end)
+    assert dropped == max(0, len(cleaned.split()) - limit)
+
+
+def test_a_flood_of_new_words_does_not_grow_the_string_store() -> None:
+    import random
+    import string
+
+    tokenizer = Tokenizer(TokenizerSettings())
+    strings = tokenizer._nlp.vocab.strings
+    rng = random.Random(0)
+
+    def flood() -> None:
+        words = ["".join(rng.choices(string.ascii_lowercase, k=12)) for _ in range(2000)]
+        tokenizer.tokenize_many([" ".join(words[i : i + 100]) for i in range(0, 2000, 100)])
+
+    flood()
+    before = len(strings)
+    for _ in range(3):
+        flood()
+    assert len(strings) <= before + 10  # 6,000 never-seen words later
+    assert tokenizer.tokenize("Zyzzyva qwertyuiop!") == ["zyzzyva", "qwertyuiop", "!"]  # tokens unchanged
