@@ -312,7 +312,9 @@ def stage_language_model(args: argparse.Namespace, corpus: TokenizedCorpus, spli
     the held-out perplexity and the probe's accuracy.
     """
     if args.lm_epochs <= 0 or (state.dir / "finetune.pt").is_file():  # nothing to do, or already past it
-        return state.info.get("phases", {}).get("lm")
+        done = state.info.get("phases", {}).get("lm")
+        return None if done is None else {"history": done["history"], "config": done.get("config"),
+                                          "seconds": round(sum(h.get("seconds", 0) for h in done["history"]), 1)}
     train_tokens = [corpus.tokens["train"][i] for i in split.train] + corpus.tokens["unsup"]
     texts = [np.asarray(ids, dtype=np.int32) for ids in encode(vocab, train_tokens, truncate=False) if ids]
     held_out = [np.asarray(ids, dtype=np.int32)
@@ -388,6 +390,11 @@ def model_card(args: argparse.Namespace, model: SentimentLSTM, corpus: Tokenized
             "language_model_pretraining": lm_report,
             "fine_tuning": ft_report,
             "sessions": sessions,
+            # Read by the service's GET /v1/model: fine-tuning epochs, and the exported one (the last:
+            # its weight average, not a pick by validation accuracy), training seconds of both phases.
+            "epochs_run": len(ft_report["history"]),
+            "best_epoch": len(ft_report["history"]),
+            "train_seconds": round(ft_report.get("seconds", 0) + ((lm_report or {}).get("seconds") or 0), 1),
             "cpu_hours": round(sum(s.get("seconds", 0) * s.get("threads", 1) for s in sessions) / 3600, 2),
             "hardware": {"machine": platform.machine(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
                          "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
