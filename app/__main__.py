@@ -3,6 +3,11 @@
 Host, port, log level and graceful timeout come from the settings (``SENTIMENT_HOST``,
 ``SENTIMENT_PORT``, ``SENTIMENT_LOG_LEVEL``, ``SENTIMENT_GRACEFUL_TIMEOUT_S``); flags override them.
 
+If the model cannot be loaded (or the batch worker dies), the process exits with status 3 rather
+than staying up unready: nothing in the process can fix a bad artifact, and orchestrators restart a
+failed replica with backoff and make the failure visible (CrashLoopBackOff), where a replica that
+stays live but never ready only hides it.
+
 ``uvicorn app.main:app`` works too; the difference is the exit status after SIGTERM. uvicorn drains,
 then re-raises the signal it caught, so the process ends "killed by SIGTERM" (status 143). Containers
 and process supervisors read that as a crash; here the re-raised signal ends the process with 0.
@@ -16,7 +21,10 @@ import sys
 
 import uvicorn
 
+from app.service import State
 from app.settings import get_settings
+
+EXIT_FAILED = 3  # the model could not be served; distinct from a crash (1) and a signal (128+n)
 
 
 def main() -> None:
@@ -28,10 +36,18 @@ def main() -> None:
     parser.add_argument("--graceful-timeout", type=float, default=settings.graceful_timeout_s,
                         help="longest wait for in-flight requests after SIGTERM (SENTIMENT_GRACEFUL_TIMEOUT_S)")
     args = parser.parse_args()
+    from app.main import app  # after argument parsing: --help needs no model
+
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.graceful_timeout))
+    service = app.state.service
+    # A model that cannot load or a batch worker that died cannot heal in place: stop the server and
+    # exit non-zero, so that the orchestrator restarts the replica with its own backoff.
+    service.on_fatal = lambda: setattr(server, "should_exit", True)
     # uvicorn restores this handler after its graceful shutdown and re-raises SIGTERM into it.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.graceful_timeout)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_FAILED if service.state is State.FAILED else 0))
+    server.run()
+    sys.exit(EXIT_FAILED if service.state is State.FAILED else 0)
 
 
 if __name__ == "__main__":

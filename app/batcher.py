@@ -192,13 +192,15 @@ class MicroBatcher(Generic[T, R]):
         except asyncio.TimeoutError:
             log.warning("drain did not finish within %.1fs; failing %d queued texts", timeout_s, self._depth)
             self._fail_queued()
+        except Exception:  # the worker had already died (logged by whoever watches it)
+            pass
         self._task = None
 
-    def _fail_queued(self) -> None:
+    def _fail_queued(self, reason: str = "the service is shutting down") -> None:
         for group in list(self._groups):
             for p in self._groups[group]:
                 if not p.future.done():
-                    p.future.set_exception(BatcherClosedError("the service is shutting down"))
+                    p.future.set_exception(BatcherClosedError(reason))
             self._forget(group)
 
     def _take(self, batch: list[_Pending[T]]) -> None:
@@ -220,6 +222,15 @@ class MicroBatcher(Generic[T, R]):
             self._queued_cost = 0.0  # no float drift when the queue empties
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except BaseException:
+            # A bug in the worker itself: nobody would ever answer the queued callers, so fail them now.
+            self._closing = True
+            self._fail_queued("the batch worker stopped")
+            raise
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._groups:

@@ -41,6 +41,7 @@ class Errors:
     MALFORMED_JSON = ErrorKind(400, "malformed_json", "request body is not valid JSON: {reason}")
     NOT_FOUND = ErrorKind(404, "not_found", "{detail}")
     METHOD_NOT_ALLOWED = ErrorKind(405, "method_not_allowed", "{detail}")
+    BODY_TOO_LARGE = ErrorKind(413, "body_too_large", "request body is over the {limit}-byte limit")
     TOO_MANY_TEXTS = ErrorKind(413, "too_many_texts", "{count} texts in one request; the limit is {limit}")
     TEXT_TOO_LONG = ErrorKind(413, "text_too_long", "{count} invalid text(s): {summary}")
     WORD_TOO_LONG = ErrorKind(413, "word_too_long", "{count} invalid text(s): {summary}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -14,51 +13,16 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import install_error_handlers
 from app.metrics import ServiceMetrics
+from app.middleware import BodyLimit, RequestTimer, SecurityHeaders
 from app.routes import router
 from app.service import SentimentService
 from app.settings import Settings, get_settings
 from sentiment.engine import SentimentEngine
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-KNOWN_ROUTES = {"/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/", "/docs",
-                "/openapi.json"}
-PREFIX_ROUTES = ("/static/", "/docs-assets/")  # labelled by prefix to keep the metric's label set small
-
-
-class RequestTimer:
-    """Pure ASGI middleware (keeps ``request.receive`` untouched for disconnect detection) that
-    records ``sentiment_request_duration_seconds`` by route and status."""
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                elapsed_ms = (time.perf_counter() - started) * 1000
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-process-time-ms", f"{elapsed_ms:.2f}".encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            path = scope.get("path", "")
-            route = path if path in KNOWN_ROUTES else next(
-                (prefix.rstrip("/") for prefix in PREFIX_ROUTES if path.startswith(prefix)), "other")
-            self.metrics.request_duration.labels(route=route, status=str(status["code"])).observe(
-                time.perf_counter() - started)
 
 
 def create_app(settings: Settings | None = None,
@@ -88,12 +52,16 @@ def create_app(settings: Settings | None = None,
         ),
         lifespan=lifespan,
         docs_url=None,  # served below from local assets: deployments may have no internet for a CDN
+        redoc_url=None,  # ReDoc loads from a CDN; one offline docs page (Swagger UI) is enough
     )
     app.state.service = service
     app.state.metrics = metrics
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    # Outermost last: the timer sees every response, including the body limit's 413.
+    app.add_middleware(BodyLimit, limit=settings.body_limit, metrics=metrics)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestTimer, metrics=metrics)
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
 

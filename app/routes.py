@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+import json
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from app.errors import openapi_responses
+from app.errors import ApiError, Errors, openapi_responses
 from app.schemas import GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
 from app.service import SentimentService
 from sentiment import LABEL_THRESHOLD
 
 router = APIRouter()
+
+# Bodies larger than this are parsed and validated on a worker thread: a multi-megabyte body parsed
+# on the event loop would stall every other request (health checks included) meanwhile.
+PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 def _service(request: Request) -> SentimentService:
@@ -24,10 +33,49 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+def _parse_predict_request(raw: bytes) -> PredictRequest:
+    """JSON bytes → :class:`PredictRequest`, every failure as a ``RequestValidationError``.
+
+    The standard library's parser, because it keeps what JSON can carry but Unicode cannot (a lone
+    surrogate escape such as "\\ud800"), so that the service can name the offending text (422)
+    instead of failing the whole body; nesting too deep for it is a parse error (400).
+    """
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                       "ctx": {"error": exc.msg}}]) from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        reason = "nesting too deep" if isinstance(exc, RecursionError) else "body is not UTF-8"
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                                       "ctx": {"error": reason}}]) from None
+    try:
+        return PredictRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]) from None
+
+
+async def predict_body(request: Request) -> PredictRequest:
+    """The JSON body as a :class:`PredictRequest`: 415 for another media type; parsed on a worker
+    thread when large, so a multi-megabyte body never stalls the event loop."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise ApiError(Errors.UNSUPPORTED_MEDIA_TYPE, content_type=content_type)
+    raw = await request.body()  # already bounded by the BodyLimit middleware
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        return await run_in_threadpool(_parse_predict_request, raw)
+    return _parse_predict_request(raw)
+
+
 @router.post("/v1/predict", response_model=PredictResponse, tags=["predict"],
              responses=openapi_responses(400, 413, 415, 422, 499, 500, 503, 504),
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": PredictRequest.model_json_schema()}}}},
              summary="Probability of positive sentiment for each text, with an optional per-token trace")
-async def predict(body: PredictRequest, request: Request, response: Response) -> PredictResponse:
+async def predict(request: Request, response: Response,
+                  body: PredictRequest = Depends(predict_body)) -> PredictResponse:
     service = _service(request)
     service.metrics.requests_in_flight.inc()
     try:

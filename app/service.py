@@ -306,8 +306,9 @@ class SentimentService:
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, EmptyTextError):
                 problems.append((Errors.EMPTY_TEXT, i, "text contains no tokens after cleaning"))
-            elif isinstance(outcome, BatcherClosedError):  # the drain ran out of time before this text
-                raise ApiError(Errors.NOT_READY_DRAINING, detail=str(outcome))
+            elif isinstance(outcome, BatcherClosedError):  # drain out of time, or the worker died
+                kind = Errors.NOT_READY_FAILED if self.state is State.FAILED else Errors.NOT_READY_DRAINING
+                raise ApiError(kind, detail=str(outcome))
             elif isinstance(outcome, BaseException):
                 log.error("texts[%d] failed: %s: %s", i, type(outcome).__name__, outcome)
                 raise ApiError(Errors.TEXT_FAILED, index=i) from outcome

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_word_chars: int = Field(200, ge=1, description=(
         "longest run of characters without whitespace accepted (spaCy's affix rules are quadratic in a "
         "word's length: one 20,000-character word of '!' takes a minute; IMDB's longest is 76)"))
+    max_body_bytes: int | None = Field(None, ge=1, description=(
+        "largest request body; default: the largest legal request (max_texts × max_text_chars × 12 bytes, "
+        "every character a JSON \\u escape of a surrogate pair) plus 64 KiB"))
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
     # Faults
     stuck_batch_s: float = Field(60.0, gt=0, description="a batch running longer turns readiness 503 (model stuck)")
@@ -53,6 +56,13 @@ class Settings(BaseSettings):
         "info", description="uvicorn and service log level")
     graceful_timeout_s: float = Field(30.0, gt=0, description="after SIGTERM, longest wait for in-flight requests")
     shutdown_delay_s: float = Field(0.0, ge=0, description="after SIGTERM, report not-ready this long before closing")
+
+    @property
+    def body_limit(self) -> int:
+        """The request-body limit in force, in bytes."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.max_texts * self.max_text_chars * 12 + 65_536
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
-import torch
 
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
 from app.process import free_port  # noqa: F401 (re-exported for tests)
 from sentiment.artifacts import export_artifacts
 from sentiment.model import ModelConfig, SentimentLSTM
@@ -73,3 +78,34 @@ def write_fake_imdb(root: Path, n_per_class: int = 12, as_archive: bool = True) 
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return archive
+
+
+# ---- the app in-process (TestClient runs the lifespan: load → warm up → ready) -----------------
+
+def wait_ready(client: TestClient, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if client.get("/health/ready").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not ready: {client.get('/health/ready').json()}")
+
+
+@pytest.fixture
+def make_client(tiny_artifacts: Path):
+    clients = []
+
+    def make(engine_factory=None, wait: bool = True, **overrides) -> TestClient:
+        settings = Settings(artifacts_dir=overrides.pop("artifacts_dir", tiny_artifacts), **overrides)
+        client = TestClient(create_app(settings, engine_factory))
+        client.__enter__()
+        clients.append(client)
+        if wait:
+            wait_ready(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+

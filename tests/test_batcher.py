@@ -119,3 +119,86 @@ async def test_stop_drains_accepted_work_then_refuses_new(executor) -> None:
     assert await asyncio.wait_for(asyncio.gather(*pending), 1) == [[2 * i] for i in range(10)]
     with pytest.raises(BatcherClosedError):
         await batcher.submit_many([1])
+
+
+async def test_items_are_taken_round_robin_across_requests(executor) -> None:
+    rec = Recorder()
+    rec.gate.clear()  # hold the worker so that everything below queues up
+    batcher = MicroBatcher(rec, executor, max_batch_size=4, max_wait_s=0, max_queue=100)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit_many([0]))
+    await asyncio.sleep(0.05)  # the worker has taken [0] and waits on the gate
+    heavy = asyncio.ensure_future(batcher.submit_many(list(range(100, 140))))  # one caller's backlog
+    await asyncio.sleep(0)
+    light = asyncio.ensure_future(batcher.submit_many([7]))
+    await asyncio.sleep(0)
+    rec.gate.set()
+    await asyncio.gather(first, heavy, light)
+    assert rec.batches[0] == [0]
+    assert 7 in rec.batches[1], rec.batches[:3]  # the light request rides the very next batch
+    await batcher.stop()
+
+
+async def test_a_batch_stops_at_its_cost_budget(executor) -> None:
+    rec = Recorder()
+    batcher = MicroBatcher(rec, executor, max_batch_size=64, max_wait_s=0, max_queue=100, max_batch_cost=10)
+    rec.gate.clear()
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit_many([0]))
+    await asyncio.sleep(0.05)
+    work = asyncio.ensure_future(batcher.submit_many(list(range(1, 9)), costs=[4] * 8))
+    await asyncio.sleep(0)
+    assert batcher.queued_cost == 32 and batcher.depth == 8
+    rec.gate.set()
+    await asyncio.gather(blocker, work)
+    assert all(len(b) <= 3 for b in rec.batches[1:])  # 3 × 4 ≥ 10: never more per batch
+    await batcher.stop()
+
+
+async def test_a_cancelled_caller_stops_counting_at_once(executor) -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = MicroBatcher(rec, executor, max_batch_size=4, max_wait_s=0, max_queue=100)
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit_many([0]))
+    await asyncio.sleep(0.05)
+    doomed = asyncio.ensure_future(batcher.submit_many([1, 2, 3], costs=[5, 5, 5]))
+    survivor = asyncio.ensure_future(batcher.submit_many([4]))
+    await asyncio.sleep(0)
+    assert batcher.depth == 4 and batcher.queued_cost == 16
+    doomed.cancel()
+    for _ in range(3):  # a few loop steps for the cancellation to reach the awaiting caller
+        await asyncio.sleep(0)
+    assert batcher.depth == 1 and batcher.queued_cost == 1  # before the worker ever looks at them
+    rec.gate.set()
+    assert await survivor == [8]
+    await blocker
+    assert all(x not in (1, 2, 3) for b in rec.batches for x in b)
+    await batcher.stop()
+
+
+async def test_estimated_wait_follows_measured_throughput(executor) -> None:
+    rec = Recorder(delay=0.05)
+    batcher = MicroBatcher(rec, executor, max_batch_size=1, max_wait_s=0, max_queue=100)
+    batcher.start()
+    assert batcher.estimated_wait_s(100) == 0.0  # nothing measured yet: admit
+    await batcher.submit_many([1], costs=[10])  # 10 units in ~0.05 s: ~200 units/s
+    assert 0.2 < batcher.estimated_wait_s(100) < 1.0
+    await batcher.stop()
+
+
+async def test_the_drain_is_bounded_when_a_batch_hangs(executor) -> None:
+    rec = Recorder()
+    rec.gate.clear()  # the running batch hangs (until the gate's 5 s timeout)
+    batcher = MicroBatcher(rec, executor, max_batch_size=1, max_wait_s=0, max_queue=100)
+    batcher.start()
+    hung = asyncio.ensure_future(batcher.submit_many([1]))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(batcher.submit_many([2]))
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    await batcher.stop(drain=True, timeout_s=0.2)
+    assert time.perf_counter() - started < 1.0
+    assert isinstance((await queued)[0], BatcherClosedError)
+    rec.gate.set()
+    await hung
