@@ -6,8 +6,10 @@ exception. Policy:
 
 * The worker takes what is queued (up to ``max_batch_size`` items and ``max_batch_cost``) as soon
   as the model is free, so under load the batch grows by itself while the previous batch runs.
-* **Fairness**: items are taken round-robin across submissions (one item per waiting request in
-  turn), so a one-text request is never stuck behind another caller's backlog of 64 long texts.
+* **Fairness**: the next item always comes from the waiting submission that has been served the
+  least work so far (start-time fair queuing by cost; a newcomer starts level with the least-served
+  one), so a one-word request goes into the very next batch however much work other callers have
+  queued, and heavy callers share the model in proportion to nothing but their turn.
 * A lone request at idle runs at once: the worker only lingers (up to ``max_wait_s``) for more
   items when the previous batch showed concurrent traffic (it had more than one item).
 * **Admission by cost**: each item carries a cost (work, not a count); the queue is bounded in
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import itertools
 import logging
 import math
@@ -36,7 +39,12 @@ T_contra = TypeVar("T_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)
 log = logging.getLogger(__name__)
 
-THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the cost-throughput average
+# Throughput for the wait estimate: the best cost rate of the last RATE_WINDOW batches that held at
+# least min(max_batch_size, RATE_MIN_ITEMS) items or reached max_batch_cost. Small batches are dominated by fixed overhead (one
+# short text alone costs ~30× its share of a batch of 64) and would overstate waits; the best recent
+# rate errs the other way, so a request is shed only when even that rate cannot serve it in time.
+RATE_WINDOW = 32
+RATE_MIN_ITEMS = 8
 
 
 class QueueFullError(RuntimeError):
@@ -90,8 +98,10 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue_cost = max_queue_cost
         self.max_batch_cost = max_batch_cost
         self._on_batch = on_batch
-        # submission id → its items not yet taken; insertion order is the round-robin order.
-        self._groups: collections.OrderedDict[int, collections.deque[_Pending[T]]] = collections.OrderedDict()
+        # submission id → its items not yet taken; work served to it so far; who is next (least served).
+        self._groups: dict[int, collections.deque[_Pending[T]]] = {}
+        self._served: dict[int, float] = {}
+        self._turns: list[tuple[float, int]] = []  # heap of (served, group); stale entries are skipped
         self._ids = itertools.count()
         self._depth = 0
         self._queued_cost = 0.0
@@ -101,7 +111,7 @@ class MicroBatcher(Generic[T, R]):
         self._last_batch_size = 0
         self.running_since: float | None = None  # time.monotonic() when the running batch started
         self._running_cost = 0.0
-        self.cost_per_s: float | None = None  # smoothed cost throughput of the process function
+        self._rates: collections.deque[float] = collections.deque(maxlen=RATE_WINDOW)
 
     @property
     def depth(self) -> int:
@@ -123,15 +133,27 @@ class MicroBatcher(Generic[T, R]):
         """The worker task (the service watches it: a dead worker means no answers)."""
         return self._task
 
+    @property
+    def cost_per_s(self) -> float | None:
+        """Best recent throughput of the process function, in cost units per second (None before a
+        batch of at least ``min(max_batch_size, RATE_MIN_ITEMS)`` items was measured)."""
+        return max(self._rates) if self._rates else None
+
     def estimated_wait_s(self, extra_cost: float = 0.0) -> float:
         """Predicted time until ``extra_cost`` more work would be done: what is queued plus the rest
         of the running batch, at the measured throughput (0 before any batch was measured)."""
-        if not self.cost_per_s:
+        rate = self.cost_per_s
+        if not rate:
             return 0.0
         running_left = 0.0
         if self.running_since is not None:
-            running_left = max(0.0, self._running_cost / self.cost_per_s - (time.monotonic() - self.running_since))
-        return running_left + (self._queued_cost + extra_cost) / self.cost_per_s
+            running_left = max(0.0, self._running_cost / rate - (time.monotonic() - self.running_since))
+        return running_left + (self._queued_cost + extra_cost) / rate
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return self.running_since is None and not self._groups
 
     def start(self) -> None:
         """Start the worker task on the running loop."""
@@ -157,6 +179,9 @@ class MicroBatcher(Generic[T, R]):
         group = next(self._ids)
         pending = [_Pending(item, loop.create_future(), cost, group) for item, cost in zip(items, costs)]
         self._groups[group] = collections.deque(pending)
+        # A newcomer starts level with the least-served waiting submission: no credit for having been away.
+        self._served[group] = min((self._served[g] for g in self._groups if g != group), default=0.0)
+        heapq.heappush(self._turns, (self._served[group], group))
         self._depth += len(pending)
         self._queued_cost += total
         self._wakeup.set()
@@ -171,6 +196,7 @@ class MicroBatcher(Generic[T, R]):
     def _forget(self, group: int) -> None:
         """Drop a cancelled submission's queued items now, so depth and cost count live work only."""
         left = self._groups.pop(group, None)
+        self._served.pop(group, None)
         if left:
             self._depth -= len(left)
             self._queued_cost -= sum(p.cost for p in left)
@@ -204,22 +230,28 @@ class MicroBatcher(Generic[T, R]):
             self._forget(group)
 
     def _take(self, batch: list[_Pending[T]]) -> None:
-        """Add items round-robin across submissions until the batch is full (count or cost)."""
+        """Add items, least-served submission first, until the batch is full (count or cost)."""
         cost = sum(p.cost for p in batch)
-        while self._groups and len(batch) < self.max_batch_size and (not batch or cost < self.max_batch_cost):
-            group, items = next(iter(self._groups.items()))
+        while self._turns and len(batch) < self.max_batch_size and (not batch or cost < self.max_batch_cost):
+            served, group = heapq.heappop(self._turns)
+            items = self._groups.get(group)
+            if items is None or self._served.get(group) != served:
+                continue  # a cancelled submission, or an outdated turn
             p = items.popleft()
             self._depth -= 1
             self._queued_cost -= p.cost
             if items:
-                self._groups.move_to_end(group)  # its next item waits for the other submissions' turn
+                self._served[group] = served + p.cost
+                heapq.heappush(self._turns, (served + p.cost, group))
             else:
                 del self._groups[group]
+                del self._served[group]
             if not p.future.done():
                 batch.append(p)
                 cost += p.cost
         if not self._groups:
             self._queued_cost = 0.0  # no float drift when the queue empties
+            self._turns.clear()
 
     async def _run(self) -> None:
         try:
@@ -274,10 +306,9 @@ class MicroBatcher(Generic[T, R]):
         finally:
             self.running_since = None
         elapsed = time.perf_counter() - started
-        if elapsed > 0:
-            rate = self._running_cost / elapsed
-            self.cost_per_s = rate if self.cost_per_s is None else (
-                (1 - THROUGHPUT_SMOOTHING) * self.cost_per_s + THROUGHPUT_SMOOTHING * rate)
+        full = len(batch) >= min(self.max_batch_size, RATE_MIN_ITEMS) or self._running_cost >= self.max_batch_cost
+        if elapsed > 0 and full:
+            self._rates.append(self._running_cost / elapsed)
         for p, result in zip(batch, results):
             if p.future.done():
                 continue

@@ -23,7 +23,7 @@ class ServiceMetrics:
             "sentiment_batch_size", "Texts per batch handed to the model.", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for a batch (live work only).", registry=r)
         self.queue_cost = Gauge(
-            "sentiment_queue_cost", "Work waiting for a batch, in characters (a gate trace counts 8x).", registry=r)
+            "sentiment_queue_cost", "Work waiting for a batch, in characters (a gate trace counts 6x).", registry=r)
         self.estimated_wait = Gauge(
             "sentiment_queue_estimated_wait_seconds", "Predicted wait for new work at the measured throughput.",
             registry=r)

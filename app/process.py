@@ -29,20 +29,21 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """``python -m app`` serving ``artifacts`` on 127.0.0.1; ``env`` adds ``SENTIMENT_*`` settings.
+    """``python -m app`` serving ``artifacts`` on 127.0.0.1; ``env`` adds ``SENTIMENT_*`` settings;
+    ``repo`` is the checkout whose ``app`` runs (another one, to compare versions in one run).
 
     Use as a context manager, or call :meth:`stop`. The constructor returns once the service
     answers ready, and raises ``RuntimeError`` with the log's tail if it exits or times out first.
     """
 
     def __init__(self, artifacts: str | Path, env: dict[str, str] | None = None, port: int | None = None,
-                 log_level: str = "warning", ready_timeout_s: float = 120) -> None:
+                 log_level: str = "warning", ready_timeout_s: float = 120, repo: str | Path = REPO) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "SENTIMENT_ARTIFACTS_DIR": str(artifacts), "SENTIMENT_PORT": str(self.port),
                    "SENTIMENT_LOG_LEVEL": log_level, **(env or {})}
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=environ,
+        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=repo, env=environ,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self._wait_ready(ready_timeout_s)

@@ -121,7 +121,7 @@ async def test_stop_drains_accepted_work_then_refuses_new(executor) -> None:
         await batcher.submit_many([1])
 
 
-async def test_items_are_taken_round_robin_across_requests(executor) -> None:
+async def test_the_least_served_request_goes_first(executor) -> None:
     rec = Recorder()
     rec.gate.clear()  # hold the worker so that everything below queues up
     batcher = MicroBatcher(rec, executor, max_batch_size=4, max_wait_s=0, max_queue=100)
@@ -184,6 +184,8 @@ async def test_estimated_wait_follows_measured_throughput(executor) -> None:
     assert batcher.estimated_wait_s(100) == 0.0  # nothing measured yet: admit
     await batcher.submit_many([1], costs=[10])  # 10 units in ~0.05 s: ~200 units/s
     assert 0.2 < batcher.estimated_wait_s(100) < 1.0
+    await batcher.submit_many([2], costs=[1000])  # a faster batch: the estimate takes the best rate
+    assert batcher.estimated_wait_s(100) < 0.05
     await batcher.stop()
 
 
