@@ -5,7 +5,7 @@
 Heavy clients each send 64 long IMDB test reviews with gate traces, back to back; one light client
 sends a one-word text at a time. Prints the light client's latency (p50, p99, max) alone and under
 the heavy load, and what happened to the heavy requests (answered or shed with 503). Before the
-batcher took texts round-robin across requests and capped a batch's cost, six such heavy clients
+batcher served the least-served request first and capped a batch's cost, six such heavy clients
 made the light client wait 8.6 s at p99.
 """
 
