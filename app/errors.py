@@ -39,7 +39,10 @@ class Errors:
     """Every error the API can return."""
 
     MALFORMED_JSON = ErrorKind(400, "malformed_json", "request body is not valid JSON: {reason}")
+    INVALID_INFER_REQUEST = ErrorKind(400, "invalid_infer_request", "invalid inference request: {summary}")
+    UNAUTHORIZED = ErrorKind(401, "unauthorized", "{detail}")
     NOT_FOUND = ErrorKind(404, "not_found", "{detail}")
+    MODEL_NOT_FOUND = ErrorKind(404, "model_not_found", "{detail}")
     METHOD_NOT_ALLOWED = ErrorKind(405, "method_not_allowed", "{detail}")
     BODY_TOO_LARGE = ErrorKind(413, "body_too_large", "request body is over the {limit}-byte limit")
     TOO_MANY_TEXTS = ErrorKind(413, "too_many_texts", "{count} texts in one request; the limit is {limit}")
@@ -82,9 +85,16 @@ class ApiError(Exception):
     def code(self) -> str:
         return self.kind.code
 
-    def response(self) -> JSONResponse:
+    def response(self, protocol: str = "v1") -> JSONResponse:
+        """The JSON answer: the v1 error object, or for the Open Inference Protocol (``"v2"``) its
+        ``{"error": "<message>"}``; the code is also in ``X-Error-Code`` for v2 clients."""
+        headers = {"Retry-After": str(self.kind.retry_after_s)} if self.kind.retry_after_s is not None else {}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if protocol == "v2":
+            headers["X-Error-Code"] = self.code
+            return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
         body = {"error": {"code": self.code, "message": self.message, "details": self.details}}
-        headers = {"Retry-After": str(self.kind.retry_after_s)} if self.kind.retry_after_s is not None else None
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
@@ -130,7 +140,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         _count(request, exc.code)
-        return exc.response()
+        path = request.url.path
+        return exc.response("v2" if path == "/v2" or path.startswith("/v2/") else "v1")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

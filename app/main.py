@@ -14,9 +14,11 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.auth import load_keys
 from app.errors import install_error_handlers
 from app.metrics import ServiceMetrics
 from app.middleware import BodyLimit, RequestTimer, SecurityHeaders
+from app.oip import router as oip_router
 from app.routes import router
 from app.service import SentimentService
 from app.settings import Settings, get_settings
@@ -57,8 +59,11 @@ def create_app(settings: Settings | None = None,
     app.state.service = service
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.api_keys = load_keys(settings.api_key.get_secret_value() if settings.api_key else None,
+                                   settings.api_keys_file)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(oip_router)
     # Outermost last: the timer sees every response, including the body limit's 413.
     app.add_middleware(BodyLimit, limit=settings.body_limit, metrics=metrics)
     app.add_middleware(SecurityHeaders)

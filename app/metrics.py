@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
+PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 class ServiceMetrics:
@@ -40,6 +41,15 @@ class ServiceMetrics:
         self.tokens_per_text = Histogram(
             "sentiment_tokens_per_text", "Tokens per scored text, after truncation.", buckets=TOKEN_BUCKETS, registry=r)
         self.truncated = Counter("sentiment_truncated_texts", "Texts cut to the token limit.", registry=r)
+        # What the model says, for drift: a shift in the served distribution shows here before anyone
+        # labels data. Buckets of 0.1 (finer at the extremes, where a confident model puts most texts).
+        self.probability = Histogram(
+            "sentiment_prediction_probability", "P(positive) of each scored text.",
+            buckets=PROBABILITY_BUCKETS, registry=r)
+        self.predictions = Counter(
+            "sentiment_predictions", "Scored texts by predicted label.", ["label"], registry=r)
+        for label in ("positive", "negative"):
+            self.predictions.labels(label=label)  # both series exist from the start, at 0
         self.errors = Counter("sentiment_errors", "Requests that failed, by kind.", ["kind"], registry=r)
         self.model_info = Info("sentiment_model", "The loaded model.", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)

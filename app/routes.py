@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from app.auth import require_api_key
 from app.errors import ApiError, Errors, openapi_responses
 from app.schemas import GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
 from app.service import SentimentService
-from sentiment import LABEL_THRESHOLD
+from sentiment import label_of
 
 router = APIRouter()
 
@@ -27,7 +28,7 @@ def _service(request: Request) -> SentimentService:
     return request.app.state.service
 
 
-async def _wait_for_disconnect(request: Request) -> None:
+async def wait_for_disconnect(request: Request) -> None:
     """Return when the client goes away (the body has been read, so the next message is a disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -70,7 +71,8 @@ async def predict_body(request: Request) -> PredictRequest:
 
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["predict"],
-             responses=openapi_responses(400, 413, 415, 422, 499, 500, 503, 504),
+             responses=openapi_responses(400, 401, 413, 415, 422, 499, 500, 503, 504),
+             dependencies=[Depends(require_api_key)],
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": PredictRequest.model_json_schema()}}}},
              summary="Probability of positive sentiment for each text, with an optional per-token trace")
@@ -78,7 +80,7 @@ async def predict(request: Request, body: PredictRequest = Depends(predict_body)
     service = _service(request)
     service.metrics.requests_in_flight.inc()
     try:
-        engine, scores = await service.predict(body.texts, body.trace, lambda: _wait_for_disconnect(request),
+        engine, scores = await service.predict(body.texts, body.trace, lambda: wait_for_disconnect(request),
                                                gates=body.gates)
     finally:
         service.metrics.requests_in_flight.dec()
@@ -86,7 +88,7 @@ async def predict(request: Request, body: PredictRequest = Depends(predict_body)
         model=ModelRef(version=engine.version, device=str(engine.device)),
         predictions=[
             Prediction(
-                label="positive" if s.probability >= LABEL_THRESHOLD else "negative",
+                label=label_of(s.probability),
                 probability=s.probability,
                 num_tokens=s.num_tokens,
                 truncated=s.truncated,

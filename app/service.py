@@ -33,6 +33,7 @@ from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from app.errors import ApiError, Errors
 from app.metrics import ServiceMetrics
 from app.settings import Settings
+from sentiment import label_of
 from sentiment.engine import EmptyTextError, Score, ScoreRequest, SentimentEngine
 
 log = logging.getLogger("app")
@@ -300,6 +301,8 @@ class SentimentService:
         self.metrics.texts.inc(len(scores))
         for s in scores:
             self.metrics.tokens_per_text.observe(s.num_tokens)
+            self.metrics.probability.observe(s.probability)
+            self.metrics.predictions.labels(label=label_of(s.probability)).inc()
             if s.truncated:
                 self.metrics.truncated.inc()
         return engine, scores

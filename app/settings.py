@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ARTIFACTS = Path(__file__).resolve().parent.parent / "model_artifacts"
@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         "largest request body; default: the largest legal request (max_texts × max_text_chars × 12 bytes, "
         "every character a JSON \\u escape of a surrogate pair) plus 64 KiB"))
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    # Access
+    model_name: str = Field("sentiment", min_length=1, description="the model's name in the Open Inference Protocol (/v2/models/<name>)")
+    api_key: SecretStr | None = Field(None, description="when set, prediction endpoints need 'Authorization: Bearer <key>'")
+    api_keys_file: Path | None = Field(None, description="file of accepted API keys, one per line ('#' comments)")
     # Faults
     stuck_batch_s: float = Field(60.0, gt=0, description="a batch running longer turns readiness 503 (model stuck)")
     stuck_liveness_s: float = Field(120.0, gt=0, description="a batch running longer fails liveness too (restart me)")
@@ -69,6 +73,8 @@ class Settings(BaseSettings):
         if self.max_queue < self.max_texts:
             raise ValueError(f"SENTIMENT_MAX_QUEUE ({self.max_queue}) must hold at least one full request "
                              f"(SENTIMENT_MAX_TEXTS = {self.max_texts})")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"SENTIMENT_API_KEYS_FILE ({self.api_keys_file}) is not a readable file")
         if self.stuck_liveness_s < self.stuck_batch_s:
             raise ValueError("SENTIMENT_STUCK_LIVENESS_S must be at least SENTIMENT_STUCK_BATCH_S: liveness fails "
                              "only after readiness has")

@@ -6,3 +6,8 @@ light (torch and spaCy only), so the service image carries it without any traini
 
 # P(positive) at or above this is labelled "positive"; shared by the API and the evaluation.
 LABEL_THRESHOLD = 0.5
+
+
+def label_of(probability: float) -> str:
+    """The label the API reports for a probability of positive sentiment."""
+    return "positive" if probability >= LABEL_THRESHOLD else "negative"

@@ -355,3 +355,26 @@ def test_every_error_uses_the_vocabulary_is_counted_and_documented(client: TestC
     statuses = {str(k.status) for k in Errors.all() if k.status not in (404, 405)}
     assert statuses <= set(documented), statuses - set(documented)
     assert "unsupported_media_type" in documented["415"]["description"]
+
+
+def test_prediction_distribution_metrics_follow_what_is_served(client: TestClient) -> None:
+    import re
+
+    metrics = client.get("/metrics").text
+    assert 'sentiment_predictions_total{label="positive"} 0.0' in metrics  # both series exist at 0
+    assert 'sentiment_predictions_total{label="negative"} 0.0' in metrics
+    probabilities = []
+    for texts in (TEXTS, TEXTS[:1], ["good good good", "awful bad"]):
+        probabilities += [p["probability"] for p in client.post("/v1/predict", json={"texts": texts}).json()["predictions"]]
+    client.post("/v1/predict", json={"texts": ["good", ""]})  # refused: nothing served, nothing counted
+    metrics = client.get("/metrics").text
+
+    def value(name: str) -> float:
+        return float(re.search(re.escape(name) + r" ([0-9.e+-]+)", metrics).group(1))
+
+    positives = sum(p >= 0.5 for p in probabilities)
+    assert value('sentiment_predictions_total{label="positive"}') == positives
+    assert value('sentiment_predictions_total{label="negative"}') == len(probabilities) - positives
+    assert value("sentiment_prediction_probability_count") == len(probabilities)
+    assert value("sentiment_prediction_probability_sum") == pytest.approx(sum(probabilities))
+    assert value('sentiment_prediction_probability_bucket{le="0.5"}') == sum(p <= 0.5 for p in probabilities)
