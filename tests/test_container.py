@@ -146,9 +146,35 @@ def artifacts_mount() -> list[str]:
     return []
 
 
+def dockerfile_base_image() -> str:
+    """The Dockerfile's default ``BASE_IMAGE``."""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("ARG BASE_IMAGE="):
+            return line.split("=", 1)[1].strip()
+    raise AssertionError("the Dockerfile has no ARG BASE_IMAGE=<default>")
+
+
+def ensure_base_image(engine: Engine, base: str) -> None:
+    """Skip (or fail, when required) with a clear message if the base image is neither local nor
+    pullable: an engine without a reachable registry cannot build the image."""
+    if engine.run("image", "inspect", base, check=False).returncode == 0:
+        return
+    try:
+        pulled = engine.run("pull", base, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        unavailable(f"base image {base} is not local and pulling it timed out (no reachable registry?); "
+                    "set SENTIMENT_CONTAINER_BASE_IMAGE to a local image")
+        return
+    if pulled.returncode != 0:
+        unavailable(f"base image {base} is not local and cannot be pulled "
+                    f"({(pulled.stderr or pulled.stdout).strip()[-300:]}); "
+                    "set SENTIMENT_CONTAINER_BASE_IMAGE to a local image")
+
+
 @pytest.fixture(scope="module")
 def image(engine: Engine, artifacts_mount: list[str], pytestconfig: pytest.Config) -> str:
     base = os.environ.get("SENTIMENT_CONTAINER_BASE_IMAGE") or engine.base_image
+    ensure_base_image(engine, base or dockerfile_base_image())
     args = ["build", *engine.build_args, "-t", TAG]
     if engine.name != "docker":
         args += ["--format", "docker"]  # podman's default OCI format drops HEALTHCHECK
@@ -298,3 +324,20 @@ def test_sigterm_drains_and_exits_cleanly(engine: Engine, container: Running, py
     assert "shutdown complete" in logs_text
     assert stopped >= SHUTDOWN_DELAY_S, "the listener closed before the shutdown delay ended"
     report(pytestconfig, f"SIGTERM → exit 0 in {stopped:.1f} s (shutdown delay {SHUTDOWN_DELAY_S:g} s)")
+
+
+class _NoRegistry(Engine):
+    """An engine with no local base image and no reachable registry."""
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(list(args), 125, "", "Error: initializing source docker://python: "
+                                           "pinging container registry: dial tcp: lookup registry-1.docker.io")
+
+
+def test_an_unreachable_base_image_skips_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SENTIMENT_REQUIRE_CONTAINER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="base image python:3.11-slim-bookworm is not local and cannot be pulled"):
+        ensure_base_image(_NoRegistry("podman"), dockerfile_base_image())
+    monkeypatch.setenv("SENTIMENT_REQUIRE_CONTAINER", "1")
+    with pytest.raises(pytest.fail.Exception, match="container test required"):
+        ensure_base_image(_NoRegistry("podman"), dockerfile_base_image())
