@@ -246,3 +246,28 @@ def test_example_review_screenshot(page, server: Server, tmp_path: Path) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path))
     assert path.stat().st_size > 20_000
+
+
+def test_a_service_with_an_api_key_asks_for_it(browser, tmp_path: Path) -> None:
+    artifacts = _tiny_artifacts(tmp_path / "artifacts")
+    with ServiceProcess(artifacts, {"SENTIMENT_API_KEY": "viewer-key"}) as keyed:
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(keyed.base_url + "/")
+            assert not page.is_visible("#api-key")
+            page.fill("#review", "a good movie")
+            _analyze(page)
+            assert page.get_attribute("body", "data-state") == "error"
+            assert "requires an API key" in page.text_content("#error")
+            assert page.is_visible("#api-key")
+            page.fill("#api-key", "wrong")
+            _analyze(page)
+            assert page.get_attribute("body", "data-state") == "error"
+            page.fill("#api-key", "viewer-key")
+            _analyze(page)
+            assert page.get_attribute("body", "data-state") == "done"
+            assert page.locator(".token").count() == 3
+        finally:
+            context.close()

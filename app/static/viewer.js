@@ -48,7 +48,14 @@
 
   const state = { result: null, active: -1, tipFrom: null, controller: null, modelRetry: null };
 
+  // Adds "Authorization: Bearer <key>" when the user has entered an API key.
+  function authorized(headers) {
+    const key = $("api-key").value.trim();
+    return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+  }
+
   // ---- model info (header badge and footer) ---------------------------------------------------
+
   async function loadModelInfo() {
     clearTimeout(state.modelRetry);
     let res;
@@ -149,13 +156,20 @@
       try {
         res = await fetch("v1/predict", {
           method: "POST",
-          headers: { "Content-Type": "application/json", Accept: "application/json" },
+          headers: authorized({ "Content-Type": "application/json", Accept: "application/json" }),
           body: JSON.stringify({ texts: [text], trace: true, gates: $("gates-toggle").checked }),
           signal: controller.signal,
         });
       } catch (err) {
         if (err.name === "AbortError") return;
         throw new NetworkError();
+      }
+      if (res.status === 401) {
+        // SENTIMENT_API_KEY is set: ask for the key (never stored beyond this page).
+        $("key-row").hidden = false;
+        $("api-key").focus();
+        fail("This service requires an API key.", "Enter the key in the API key field and analyze again.");
+        return;
       }
       if (!res.ok) {
         const err = await readError(res);
