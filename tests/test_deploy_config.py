@@ -172,11 +172,11 @@ def test_compose_runs_the_service_on_8000_and_prometheus_scraping_it() -> None:
     assert any(str(p).endswith(f":{PORT}") for p in svc["ports"])
     prom = compose["services"]["prometheus"]
     mounts = [v.split(":") for v in prom["volumes"]]
-    assert ["./deploy/prometheus.yml", "/etc/prometheus/prometheus.yml", "ro"] in mounts
+    assert ["./deploy/prometheus/prometheus.yml", "/etc/prometheus/prometheus.yml", "ro"] in mounts
 
 
 def test_prometheus_scrapes_every_replica_on_metrics() -> None:
-    config = load_yaml(REPO / "deploy" / "prometheus.yml")
+    config = load_yaml(REPO / "deploy" / "prometheus" / "prometheus.yml")
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "sentiment")
     assert job.get("metrics_path", "/metrics") == "/metrics"
     dns = job["dns_sd_configs"][0]
