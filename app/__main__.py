@@ -1,7 +1,9 @@
 """``python -m app``: run the service with uvicorn, exiting with status 0 after a graceful SIGTERM.
 
-Host, port, log level and graceful timeout come from the settings (``SENTIMENT_HOST``,
-``SENTIMENT_PORT``, ``SENTIMENT_LOG_LEVEL``, ``SENTIMENT_GRACEFUL_TIMEOUT_S``); flags override them.
+Host, port, log level and format and graceful timeout come from the settings (``SENTIMENT_HOST``,
+``SENTIMENT_PORT``, ``SENTIMENT_LOG_LEVEL``, ``SENTIMENT_LOG_FORMAT``, ``SENTIMENT_GRACEFUL_TIMEOUT_S``);
+flags override them. Every log line, uvicorn's included, goes through the service's handler (request
+ids, ``text`` or ``json``); the access log is the service's own (docs/observability.md).
 
 If the model cannot be loaded (or the batch worker dies), the process exits with status 3 rather
 than staying up unready: nothing in the process can fix a bad artifact, and orchestrators restart a
@@ -33,12 +35,18 @@ def main() -> None:
     parser.add_argument("--host", default=settings.host, help="address to listen on (SENTIMENT_HOST)")
     parser.add_argument("--port", type=int, default=settings.port, help="port to listen on (SENTIMENT_PORT)")
     parser.add_argument("--log-level", default=settings.log_level, help="log level (SENTIMENT_LOG_LEVEL)")
+    parser.add_argument("--log-format", default=settings.log_format, choices=["text", "json"],
+                        help="log lines as text or one JSON object per line (SENTIMENT_LOG_FORMAT)")
     parser.add_argument("--graceful-timeout", type=float, default=settings.graceful_timeout_s,
                         help="longest wait for in-flight requests after SIGTERM (SENTIMENT_GRACEFUL_TIMEOUT_S)")
     args = parser.parse_args()
+    from app.logs import configure_logging
     from app.main import app  # after argument parsing: --help needs no model
 
+    configure_logging(args.log_format, args.log_level)  # the flags may differ from the settings
+    # log_config=None: uvicorn leaves the logging set up above alone; access_log=False: ours replaces it.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           log_config=None, access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout))
     service = app.state.service
     # A model that cannot load or a batch worker that died cannot heal in place: stop the server and

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -16,12 +15,14 @@ from fastapi.staticfiles import StaticFiles
 
 from app.auth import load_keys
 from app.errors import install_error_handlers
+from app.logs import configure_logging
 from app.metrics import ServiceMetrics
-from app.middleware import BodyLimit, RequestTimer, SecurityHeaders
+from app.middleware import BodyLimit, RequestContext, RequestTimer, SecurityHeaders, outermost
 from app.oip import router as oip_router
 from app.routes import router
 from app.service import SentimentService
 from app.settings import Settings, get_settings
+from app.tracing import setup_tracing
 from sentiment.engine import SentimentEngine
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -68,6 +69,10 @@ def create_app(settings: Settings | None = None,
     app.add_middleware(BodyLimit, limit=settings.body_limit, metrics=metrics)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestTimer, metrics=metrics)
+    # Request id, access log and (with OTEL_EXPORTER_OTLP_*ENDPOINT set) the server span: outside
+    # everything, Starlette's error middleware included, so every response has them, a 500 too.
+    app.state.tracing = setup_tracing()
+    outermost(app, RequestContext, tracing=app.state.tracing)
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
@@ -87,5 +92,7 @@ def create_app(settings: Settings | None = None,
     return app
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Also when uvicorn imports this module (``uvicorn app.main:app``): our handler replaces its loggers'
+# handlers, and its access log gives way to ours, which carries the request id.
+configure_logging(get_settings().log_format, get_settings().log_level)
 app = create_app()

@@ -1,18 +1,129 @@
-"""ASGI middleware: request timing, the body limit, security headers. Pure ASGI (no
-BaseHTTPMiddleware), so ``request.receive`` stays usable for disconnect detection."""
+"""ASGI middleware: request ids and the access log, request timing, the body limit, security
+headers. Pure ASGI (no BaseHTTPMiddleware), so ``request.receive`` stays usable for disconnect
+detection."""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import uuid
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ApiError, Errors
+from app.logs import access_log, bind_request, request_fields, unbind_request
 from app.metrics import ServiceMetrics
+from app.tracing import RequestTracing
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+# Route labels for metrics, the access log and span names: the exact paths below, else the prefix
+# below (to keep the metric's label set small), else "other". New routes add their labels here,
+# e.g. the Open Inference Protocol's /v2 paths (templated ones such as /v2/models/{name}/infer by prefix).
 KNOWN_ROUTES = {"/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/", "/docs",
                 "/openapi.json"}
 PREFIX_ROUTES = ("/static/", "/docs-assets/")  # labelled by prefix to keep the metric's label set small
+OTHER_ROUTE = "other"
+
+
+def route_label(path: str) -> str:
+    """The label of ``path`` for metrics, logs and spans (see KNOWN_ROUTES and PREFIX_ROUTES)."""
+    if path in KNOWN_ROUTES:
+        return path
+    return next((prefix.rstrip("/") for prefix in PREFIX_ROUTES if path.startswith(prefix)), OTHER_ROUTE)
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+# An incoming id is kept only if it is 1-128 visible ASCII characters (no spaces or control
+# characters): it goes into log lines and headers verbatim, so nothing else may pass.
+_SANE_REQUEST_ID = re.compile(rb"[!-~]{1,128}")
+
+
+def request_id_from(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` when it is sane, else a new one (32 hex digits, uuid4)."""
+    for name, value in scope.get("headers", []):
+        if name == REQUEST_ID_HEADER:
+            if _SANE_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class RequestContext:
+    """The outermost layer: gives each request an id (echoed in ``X-Request-ID`` on every response,
+    and on every log line written while serving it), writes the access log line, and, when tracing
+    is on, opens and closes the request's server span.
+
+    Installed with :func:`outermost`, outside even Starlette's error middleware, so that a 500 from
+    an unhandled exception carries the id and gets its access line too.
+    """
+
+    def __init__(self, app: ASGIApp, tracing: RequestTracing | None = None) -> None:
+        self.app, self.tracing = app, tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = request_id_from(scope)
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        fields, id_token, fields_token = bind_request(request_id)
+        span = self.tracing.start(scope, request_id) if self.tracing is not None else None
+        status = {"code": 500}  # what is logged if the app sends no response at all
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = list(message.get("headers", [])) + [header]
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            route = route_label(scope.get("path", ""))
+            client = scope.get("client")
+            peer = f"{client[0]}:{client[1]}" if client else None
+            texts = fields.get("texts")
+            if span is not None:
+                try:
+                    self.tracing.finish(span, None if route == OTHER_ROUTE else route, status["code"],  # type: ignore[union-attr]
+                                        texts, error if isinstance(error, Exception) else None)
+                except Exception:  # tracing must never break serving
+                    log.exception("could not close the request's span")
+            duration_ms = round((time.perf_counter() - started) * 1000, 2)
+            access_log.info(
+                "%s %s %d %.2fms texts=%s client=%s", scope.get("method", ""), route, status["code"], duration_ms,
+                "-" if texts is None else texts, peer or "-",
+                extra={"method": scope.get("method", ""), "route": route, "status": status["code"],
+                       "duration_ms": duration_ms, "texts": texts,
+                       "client": peer,
+                       "trace_id": span.trace_id if span is not None else None})
+            # After an exception the id stays bound: the server logs the traceback next, in this
+            # request's task, and that line should carry it too. The task ends with the request.
+            if error is None:
+                unbind_request(id_token, fields_token)
+
+
+def outermost(app: FastAPI, middleware: type, **options: object) -> None:
+    """Wrap ``app``'s whole middleware stack, Starlette's ServerErrorMiddleware included, in
+    ``middleware`` (``add_middleware`` puts user middleware inside it, where an unhandled
+    exception's 500 response never passes)."""
+    build = app.build_middleware_stack
+
+    def build_wrapped() -> ASGIApp:
+        return middleware(build(), **options)
+
+    app.build_middleware_stack = build_wrapped  # type: ignore[method-assign]
 
 
 class RequestTimer:
@@ -40,9 +151,7 @@ class RequestTimer:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            path = scope.get("path", "")
-            route = path if path in KNOWN_ROUTES else next(
-                (prefix.rstrip("/") for prefix in PREFIX_ROUTES if path.startswith(prefix)), "other")
+            route = route_label(scope.get("path", ""))
             self.metrics.request_duration.labels(route=route, status=str(status["code"])).observe(
                 time.perf_counter() - started)
 

@@ -31,8 +31,10 @@ import torch
 
 from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from app.errors import ApiError, Errors
+from app.logs import note_texts
 from app.metrics import ServiceMetrics
 from app.settings import Settings
+from app.tracing import RequestTimings, current_timings, record_batch
 from sentiment import label_of
 from sentiment.engine import EmptyTextError, Score, ScoreRequest, SentimentEngine
 
@@ -73,6 +75,8 @@ class SentimentService:
         # own intra-op threads for the forward pass.
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.on_fatal: Callable[[], None] | None = None  # set by ``python -m app``: stop the process
+        # id(ScoreRequest) → its traced request's timings, while it waits (empty unless tracing is on).
+        self._traced: dict[int, RequestTimings] = {}
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.metrics.queue_cost.set_function(lambda: self.batcher.queued_cost if self.batcher else 0)
         self.metrics.estimated_wait.set_function(lambda: self.batcher.estimated_wait_s() if self.batcher else 0)
@@ -241,8 +245,11 @@ class SentimentService:
     def score_batch(self, requests: list[ScoreRequest]) -> list[Score | Exception]:
         """The batcher's processor, run on the model thread: one engine call per batch."""
         assert self.engine is not None
+        started_ns = time.time_ns() if self._traced else 0
         batch = self.engine.score(requests)
         self.metrics.tokenize_duration.observe(batch.tokenize_seconds)
+        if started_ns:  # a traced request waits on this batch: its spans need the batch's times
+            record_batch(self._traced, requests, started_ns, batch.tokenize_seconds, batch.forward_seconds)
         return batch.results
 
     def text_cost(self, text: str, gates: bool) -> float:
@@ -263,6 +270,7 @@ class SentimentService:
         throughput) exceeds the request timeout is shed at once with 503 + Retry-After instead of timing out
         later; on an idle service every request is admitted.
         """
+        note_texts(len(texts))  # for the access log line and the span: the count only, never the texts
         engine = self.require_ready()
         self.validate_texts(texts)
         assert self.batcher is not None
@@ -272,7 +280,11 @@ class SentimentService:
         if wait > self.settings.request_timeout_s and not self.batcher.idle:
             raise ApiError(Errors.OVERLOADED, reason=f"the estimated wait is {wait:.0f}s, over the "
                            f"{self.settings.request_timeout_s:g}s request timeout")
-        work = asyncio.ensure_future(self.batcher.submit_many([ScoreRequest(t, trace, gates) for t in texts], costs))
+        requests = [ScoreRequest(t, trace, gates) for t in texts]
+        timings = current_timings()  # None unless this request is traced (app.tracing)
+        if timings is not None:
+            timings.watch(requests, self._traced)
+        work = asyncio.ensure_future(self.batcher.submit_many(requests, costs))
         waiters: set[asyncio.Future] = {work}
         watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         if watcher is not None:
@@ -286,6 +298,8 @@ class SentimentService:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if timings is not None:
+                timings.unwatch(requests, self._traced)
         if work not in done:
             work.cancel()  # the batcher drops the queued texts at once: no work left behind
             if watcher is not None and watcher in done:

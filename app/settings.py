@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn and service log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or one JSON object per line (docs/observability.md)")
     graceful_timeout_s: float = Field(30.0, gt=0, description="after SIGTERM, longest wait for in-flight requests")
     shutdown_delay_s: float = Field(0.0, ge=0, description="after SIGTERM, report not-ready this long before closing")
 
