@@ -48,6 +48,9 @@ class Errors:
     TOO_MANY_TEXTS = ErrorKind(413, "too_many_texts", "{count} texts in one request; the limit is {limit}")
     TEXT_TOO_LONG = ErrorKind(413, "text_too_long", "{count} invalid text(s): {summary}")
     WORD_TOO_LONG = ErrorKind(413, "word_too_long", "{count} invalid text(s): {summary}")
+    TOO_MANY_EXPLAINED = ErrorKind(413, "too_many_explained_texts",
+                                   "{count} texts to explain in one request; the limit is {limit}")
+    EXPLAIN_TOO_LONG = ErrorKind(413, "explain_too_long", "{count} text(s) too long to explain: {summary}")
     UNSUPPORTED_MEDIA_TYPE = ErrorKind(
         415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
     INVALID_REQUEST = ErrorKind(422, "invalid_request", "invalid request: {summary}")

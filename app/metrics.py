@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
+from app.errors import Errors
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -50,7 +52,14 @@ class ServiceMetrics:
             "sentiment_predictions", "Scored texts by predicted label.", ["label"], registry=r)
         for label in ("positive", "negative"):
             self.predictions.labels(label=label)  # both series exist from the start, at 0
+        self.explained_texts = Counter(
+            "sentiment_explained_texts", "Texts scored with an occlusion explanation.", registry=r)
+        self.explanation_variants = Counter(
+            "sentiment_explanation_variants",
+            "Extra sequences scored for explanations (one per token of each explained text).", registry=r)
         self.errors = Counter("sentiment_errors", "Requests that failed, by kind.", ["kind"], registry=r)
+        for kind in Errors.all():  # every series exists from the start, at 0, so rate() sees the first error
+            self.errors.labels(kind=kind.code)
         self.model_info = Info("sentiment_model", "The loaded model.", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds …; python_info.

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from app.auth import require_api_key
 from app.errors import ApiError, Errors, openapi_responses
-from app.schemas import GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
+from app.schemas import Explanation, GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
 from app.service import SentimentService
 from sentiment import label_of
 
@@ -81,7 +81,7 @@ async def predict(request: Request, body: PredictRequest = Depends(predict_body)
     service.metrics.requests_in_flight.inc()
     try:
         engine, scores = await service.predict(body.texts, body.trace, lambda: wait_for_disconnect(request),
-                                               gates=body.gates)
+                                               gates=body.gates, explain=body.explain is not None)
     finally:
         service.metrics.requests_in_flight.dec()
     answer = PredictResponse(
@@ -96,6 +96,9 @@ async def predict(request: Request, body: PredictRequest = Depends(predict_body)
                 trace=Trace(tokens=s.tokens, probabilities=s.trace,
                             gates=GateTrace(**s.gates) if s.gates is not None else None)
                 if s.trace is not None else None,
+                explanation=Explanation(method=s.explanation.method, tokens=s.explanation.tokens,
+                                        attributions=s.explanation.attributions)
+                if s.explanation is not None else None,
             )
             for s in scores
         ],
@@ -121,7 +124,9 @@ async def model_info(request: Request) -> ModelInfo:
         # The truncation length in force is max_tokens below; the card's trained value is its ceiling.
         tokenizer={k: v for k, v in card.get("tokenizer", {}).items() if k != "max_tokens"},
         max_tokens=engine.max_tokens,
-        limits={"max_texts": service.settings.max_texts, "max_text_chars": service.settings.max_text_chars},
+        limits={"max_texts": service.settings.max_texts, "max_text_chars": service.settings.max_text_chars,
+                "max_explain_texts": service.settings.max_explain_texts,
+                "max_explain_tokens": engine.max_explain_tokens},
         metrics=card.get("metrics", {}),
         training={k: card.get("training", {}).get(k) for k in ("train_seconds", "epochs_run", "best_epoch", "hardware")},
     )

@@ -25,6 +25,10 @@ class PredictRequest(BaseModel):
         "with trace: also return the top LSTM layer's mean input/forget/output gate activation and "
         "cell-state norm after every token (recomputed step by step from the same weights; slower)"))
 
+    explain: Literal["occlusion"] | None = Field(None, description=(
+        '"occlusion": also return, for every token, how much P(positive) changes when that token is '
+        "dropped from the text (one extra forward pass per token; see the limits in /v1/model)"))
+
     @model_validator(mode="after")
     def _gates_need_trace(self) -> "PredictRequest":
         if self.gates and not self.trace:
@@ -49,6 +53,15 @@ class Trace(BaseModel):
     gates: GateTrace | None = Field(None, description='present when the request asked for "gates": true')
 
 
+class Explanation(BaseModel):
+    """Why the model decided: ``attributions[j]`` = P(positive | text) − P(positive | text without
+    ``tokens[j]``). Positive values pushed towards "positive", negative towards "negative"."""
+
+    method: Literal["occlusion"]
+    tokens: list[str] = Field(..., description="the tokens the model read (the same as the trace's)")
+    attributions: list[float] = Field(..., description="one per token, in [-1, 1]")
+
+
 class Prediction(BaseModel):
     label: Literal["positive", "negative"] = Field(..., description=f"positive when probability >= {LABEL_THRESHOLD}")
     probability: float = Field(..., ge=0, le=1, description="P(positive) at the last token")
@@ -56,6 +69,7 @@ class Prediction(BaseModel):
     truncated: bool = Field(..., description="true when the start of the text was cut to fit the token limit")
     total_tokens: int = Field(..., description="tokens in the whole text, before truncation")
     trace: Trace | None = Field(None, description="present when the request asked for it")
+    explanation: Explanation | None = Field(None, description='present when the request asked for "explain"')
 
 
 class ModelRef(BaseModel):
@@ -68,9 +82,9 @@ class PredictResponse(BaseModel):
         "model": {"version": "sentiment-lstm-20261123-2010", "device": "cpu"},
         "predictions": [
             {"label": "positive", "probability": 0.97, "num_tokens": 16, "truncated": False, "total_tokens": 16,
-             "trace": None},
+             "trace": None, "explanation": None},
             {"label": "negative", "probability": 0.02, "num_tokens": 18, "truncated": False, "total_tokens": 18,
-             "trace": None},
+             "trace": None, "explanation": None},
         ],
     }]})
 

@@ -36,7 +36,7 @@ from app.metrics import ServiceMetrics
 from app.settings import Settings
 from app.tracing import RequestTimings, current_timings, record_batch
 from sentiment import label_of
-from sentiment.engine import EmptyTextError, Score, ScoreRequest, SentimentEngine
+from sentiment.engine import EmptyTextError, ExplainTooLongError, Score, ScoreRequest, SentimentEngine
 
 log = logging.getLogger("app")
 
@@ -47,6 +47,9 @@ log = logging.getLogger("app")
 CHARS_PER_TOKEN = 8
 TEXT_OVERHEAD_CHARS = 50
 GATES_COST_FACTOR = 6
+# An occlusion explanation scores the text once per token, each time without that token: about
+# (tokens + 1) × the text's own work. Tokens are estimated from characters (IMDB: ~5 per token).
+EXPLAIN_CHARS_PER_TOKEN = 5
 
 # JSON can carry "\ud800" alone; Python keeps it, but it is not Unicode and no encoder can take it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -86,6 +89,7 @@ class SentimentService:
     @staticmethod
     def _load_engine(settings: Settings) -> SentimentEngine:
         return SentimentEngine.load(settings.artifacts_dir, settings.device, max_tokens=settings.max_tokens,
+                                    max_explain_tokens=settings.max_explain_tokens,
                                     max_batch_tokens=settings.max_batch_tokens)
 
     def _load_blocking(self) -> SentimentEngine:
@@ -252,17 +256,20 @@ class SentimentService:
             record_batch(self._traced, requests, started_ns, batch.tokenize_seconds, batch.forward_seconds)
         return batch.results
 
-    def text_cost(self, text: str, gates: bool) -> float:
+    def text_cost(self, text: str, gates: bool, explain: bool = False) -> float:
         """The work a text brings to the queue, in characters the tokenizer and model will see: a
         text is cut to what truncation keeps (about ``CHARS_PER_TOKEN`` × max_tokens), each text has a
-        fixed overhead, and a gate trace (a step-by-step unrolled LSTM) costs ``GATES_COST_FACTOR`` ×."""
+        fixed overhead, a gate trace (a step-by-step unrolled LSTM) costs ``GATES_COST_FACTOR`` ×, and
+        an explanation adds one copy of the text per (estimated) token."""
         assert self.engine is not None
-        chars = min(len(text), CHARS_PER_TOKEN * self.engine.max_tokens) + TEXT_OVERHEAD_CHARS
-        return chars * (GATES_COST_FACTOR if gates else 1)
+        kept = min(len(text), CHARS_PER_TOKEN * self.engine.max_tokens)
+        chars = kept + TEXT_OVERHEAD_CHARS
+        variants = min(kept / EXPLAIN_CHARS_PER_TOKEN, self.engine.max_explain_tokens) if explain else 0
+        return chars * (GATES_COST_FACTOR if gates else 1) + chars * variants
 
     async def predict(self, texts: Sequence[str], trace: bool,
                       disconnected: Callable[[], Awaitable[None]] | None = None,
-                      gates: bool = False) -> tuple[SentimentEngine, list[Score]]:
+                      gates: bool = False, explain: bool = False) -> tuple[SentimentEngine, list[Score]]:
         """Queue the texts for a batch (tokenised and scored on the model thread); wait with the
         request timeout and a disconnect watch, so a caller who leaves leaves no work behind.
 
@@ -273,14 +280,18 @@ class SentimentService:
         note_texts(len(texts))  # for the access log line and the span: the count only, never the texts
         engine = self.require_ready()
         self.validate_texts(texts)
+        if explain and len(texts) > self.settings.max_explain_texts:
+            raise ApiError(Errors.TOO_MANY_EXPLAINED, [{"loc": ["body", "texts"], "msg": (
+                f"at most {self.settings.max_explain_texts} texts per request with \"explain\"")}],
+                count=len(texts), limit=self.settings.max_explain_texts)
         assert self.batcher is not None
-        costs = [self.text_cost(t, gates) for t in texts]
+        costs = [self.text_cost(t, gates, explain) for t in texts]
         wait = self.batcher.estimated_wait_s(sum(costs))
         # An idle service always admits: shedding cannot make that request any faster.
         if wait > self.settings.request_timeout_s and not self.batcher.idle:
             raise ApiError(Errors.OVERLOADED, reason=f"the estimated wait is {wait:.0f}s, over the "
                            f"{self.settings.request_timeout_s:g}s request timeout")
-        requests = [ScoreRequest(t, trace, gates) for t in texts]
+        requests = [ScoreRequest(t, trace, gates, explain) for t in texts]
         timings = current_timings()  # None unless this request is traced (app.tracing)
         if timings is not None:
             timings.watch(requests, self._traced)
@@ -319,6 +330,9 @@ class SentimentService:
             self.metrics.predictions.labels(label=label_of(s.probability)).inc()
             if s.truncated:
                 self.metrics.truncated.inc()
+            if s.explanation is not None:
+                self.metrics.explained_texts.inc()
+                self.metrics.explanation_variants.inc(s.num_tokens if s.num_tokens > 1 else 0)
         return engine, scores
 
     def _scores_or_error(self, outcomes: list[Score | Exception]) -> list[Score]:
@@ -327,6 +341,9 @@ class SentimentService:
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, EmptyTextError):
                 problems.append((Errors.EMPTY_TEXT, i, "text contains no tokens after cleaning"))
+            elif isinstance(outcome, ExplainTooLongError):
+                problems.append((Errors.EXPLAIN_TOO_LONG, i, f"{outcome} (SENTIMENT_MAX_EXPLAIN_TOKENS); "
+                                 "explain a shorter text or ask without \"explain\""))
             elif isinstance(outcome, BatcherClosedError):  # drain out of time, or the worker died
                 kind = Errors.NOT_READY_FAILED if self.state is State.FAILED else Errors.NOT_READY_DRAINING
                 raise ApiError(kind, detail=str(outcome))

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_batch_cost: float = Field(50_000, gt=0, description=(
         "most work in one batch, in characters (a gate trace counts 6×): keeps batches short, so a light "
         "request waits for at most one heavy batch"))
+    # Explanations (occlusion: one forward pass of the text per token, without that token)
+    max_explain_tokens: int | None = Field(None, ge=1, description=(
+        "most tokens (after truncation) in a text asked to be explained; default and ceiling: max_tokens"))
+    max_explain_texts: int = Field(8, ge=1, description="most texts in one request with \"explain\"")
     # Request limits
     max_texts: int = Field(64, ge=1, description="most texts in one request")
     max_text_chars: int = Field(20_000, ge=1, description="longest text accepted, in characters")

@@ -35,6 +35,14 @@ class EmptyTextError(ValueError):
     """A text produced no tokens (for example only HTML line breaks)."""
 
 
+class ExplainTooLongError(ValueError):
+    """A text asked for an explanation has more tokens (after truncation) than the explanation limit."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"{tokens} tokens to explain; the limit is {limit} per text")
+        self.tokens, self.limit = tokens, limit
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
     """One raw text to score. ``trace`` asks for the probability after every token; ``gates``
@@ -43,6 +51,18 @@ class ScoreRequest:
     text: str
     trace: bool = False
     gates: bool = False
+    explain: bool = False  # occlusion: P(text) − P(text without token j), for every token j
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Occlusion attributions: ``attributions[j]`` is the text's probability minus the probability of
+    the same text with ``tokens[j]`` dropped (a one-token text's "without" is the model's empty-input
+    probability). Positive: the token pushed the verdict towards positive."""
+
+    method: str
+    tokens: list[str]
+    attributions: list[float]
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class Score:
     tokens: list[str] | None = None
     trace: list[float] | None = None
     gates: dict[str, list[float]] | None = None
+    explanation: Explanation | None = None
 
 
 @dataclass
@@ -91,13 +112,17 @@ def _isolated(step: Callable[[list[T]], Sequence[R]], items: Sequence[T], what: 
 class SentimentEngine:
     """Holds the model, the vocabulary and the text encoder. Not thread-safe: one caller at a time."""
 
-    def __init__(self, artifacts: Artifacts, max_tokens: int | None = None, max_batch_tokens: int = 16_384) -> None:
+    def __init__(self, artifacts: Artifacts, max_tokens: int | None = None, max_batch_tokens: int = 16_384,
+                 max_explain_tokens: int | None = None) -> None:
         self.artifacts = artifacts
         self.encoder = TextEncoder(artifacts.vocab)
         self.max_tokens = artifacts.vocab.settings.token_limit(max_tokens)
         self.max_batch_tokens = max_batch_tokens
+        self.max_explain_tokens = min(max_explain_tokens or self.max_tokens, self.max_tokens)
         self.forward_passes = 0
         self._weights = {k: v.detach() for k, v in artifacts.model.state_dict().items()}  # for gate traces
+        # P(positive) with nothing read: the head on a zero hidden state. The "without" of a one-token text.
+        self.empty_probability = float(torch.sigmoid(self._weights["head.bias"].float()).reshape(-1)[0])
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", **kwargs: Any) -> "SentimentEngine":
@@ -130,6 +155,8 @@ class SentimentEngine:
                 results[i] = enc
             elif enc.total_tokens == 0:
                 results[i] = EmptyTextError("text contains no tokens after cleaning")
+            elif requests[i].explain and len(enc.ids) > self.max_explain_tokens:
+                results[i] = ExplainTooLongError(len(enc.ids), self.max_explain_tokens)
             else:
                 scorable.append(i)
         passes_before = self.forward_passes
@@ -147,31 +174,53 @@ class SentimentEngine:
 
     @torch.inference_mode()
     def _forward(self, encoded: Sequence[EncodedText], requests: Sequence[ScoreRequest]) -> list[Score]:
-        """Run encoded texts through the model in length-sorted, token-budgeted passes; order kept."""
-        lengths = [len(e.ids) for e in encoded]
-        scores: list[Score | None] = [None] * len(encoded)
+        """Score encoded texts, and the occlusion variants of those asked to be explained, in the same
+        length-bucketed passes; order kept."""
+        variants: list[list[int]] = []
+        first_variant: dict[int, int] = {}  # text index → row of its first variant
+        for i, (enc, request) in enumerate(zip(encoded, requests)):
+            if request.explain and len(enc.ids) > 1:
+                first_variant[i] = len(encoded) + len(variants)
+                variants.extend(enc.ids[:j] + enc.ids[j + 1:] for j in range(len(enc.ids)))
+        wants_steps = [r.trace or r.gates for r in requests] + [False] * len(variants)
+        last, steps = self._run([e.ids for e in encoded] + variants, wants_steps)
+        scores = []
+        for i, (enc, request) in enumerate(zip(encoded, requests)):
+            explanation = None
+            if request.explain:
+                n = len(enc.ids)
+                without = last[first_variant[i]:first_variant[i] + n] if n > 1 else [self.empty_probability]
+                explanation = Explanation("occlusion", list(enc.tokens), [last[i] - p for p in without])
+            scores.append(Score(
+                probability=last[i],
+                num_tokens=len(enc.ids),
+                truncated=enc.truncated,
+                total_tokens=enc.total_tokens,
+                tokens=list(enc.tokens) if steps[i] is not None else None,
+                trace=steps[i],
+                gates=self._gates(enc.ids) if request.gates else None,
+                explanation=explanation,
+            ))
+        return scores
+
+    def _run(self, rows: Sequence[list[int]], wants_steps: Sequence[bool]) -> tuple[list[float], list[list[float] | None]]:
+        """P(positive) at each row's last token, and at every token where ``wants_steps``, from
+        length-sorted, token-budgeted forward passes (a row's result never depends on its neighbours)."""
+        lengths = [len(r) for r in rows]
+        last: list[float] = [0.0] * len(rows)
+        steps: list[list[float] | None] = [None] * len(rows)
         passes = length_buckets(lengths, max_padded_tokens=self.max_batch_tokens,
                                 max_length_ratio=PASS_LENGTH_RATIO, min_rows=MIN_PASS_ROWS)
         for chunk in passes:
-            ids, lens = pad_batch([encoded[i].ids for i in chunk])  # (B, T), (B,)
-            last, steps = self.artifacts.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
+            ids, lens = pad_batch([rows[i] for i in chunk])  # (B, T), (B,)
+            chunk_last, chunk_steps = self.artifacts.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
             self.forward_passes += 1
-            last_list = last.float().cpu().tolist()
-            wants_trace = [requests[i].trace or requests[i].gates for i in chunk]
-            steps_cpu = steps.float().cpu() if any(wants_trace) else None  # (B, T)
-            for row, i in enumerate(chunk):
-                enc = encoded[i]
-                trace = steps_cpu[row, : lengths[i]].tolist() if steps_cpu is not None and wants_trace[row] else None
-                scores[i] = Score(
-                    probability=last_list[row],
-                    num_tokens=len(enc.ids),
-                    truncated=enc.truncated,
-                    total_tokens=enc.total_tokens,
-                    tokens=list(enc.tokens) if trace is not None else None,
-                    trace=trace,
-                    gates=self._gates(enc.ids) if requests[i].gates else None,
-                )
-        return scores  # type: ignore[return-value]
+            steps_cpu = chunk_steps.float().cpu() if any(wants_steps[i] for i in chunk) else None  # (B, T)
+            for row, (i, p) in enumerate(zip(chunk, chunk_last.float().cpu().tolist())):
+                last[i] = p
+                if steps_cpu is not None and wants_steps[i]:
+                    steps[i] = steps_cpu[row, : lengths[i]].tolist()
+        return last, steps
 
     def _gates(self, ids: list[int]) -> dict[str, list[float]]:
         """Gate activations and cell-state norm per token, by unrolling the model's own weights."""

@@ -33,8 +33,9 @@ def test_predict_contract(client: TestClient) -> None:
     preds = body["predictions"]
     assert len(preds) == 3
     for p in preds:
-        assert set(p) == {"label", "probability", "num_tokens", "truncated", "total_tokens", "trace"}
+        assert set(p) == {"label", "probability", "num_tokens", "truncated", "total_tokens", "trace", "explanation"}
         assert 0 <= p["probability"] <= 1 and p["trace"] is None and p["truncated"] is False
+        assert p["explanation"] is None
         assert p["label"] == ("positive" if p["probability"] >= 0.5 else "negative")
     assert preds[2]["num_tokens"] == 5
 
@@ -67,7 +68,7 @@ def test_model_info_and_health(client: TestClient) -> None:
     info = client.get("/v1/model").json()
     assert info["version"] == "tiny-test" and info["device"] == "cpu"
     assert info["vocab_size"] == 14 and info["max_tokens"] == 32
-    assert info["limits"] == {"max_texts": 64, "max_text_chars": 20000}
+    assert info["limits"] == {"max_texts": 64, "max_text_chars": 20000, "max_explain_texts": 8, "max_explain_tokens": 32}
     assert info["architecture"]["config"]["hidden_size"] == 12
     assert info["metrics"]["validation"]["accuracy"] == 0.5
     assert client.get("/health/live").json()["status"] == "alive"
