@@ -17,6 +17,7 @@ together with the metrics and the readiness state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -50,6 +51,10 @@ GATES_COST_FACTOR = 6
 # An occlusion explanation scores the text once per token, each time without that token: about
 # (tokens + 1) × the text's own work. Tokens are estimated from characters (IMDB: ~5 per token).
 EXPLAIN_CHARS_PER_TOKEN = 5
+# Positions per queue item of an explanation: small enough that other requests get a turn every
+# ~100 ms (32 variants of a 400-token review), large enough that re-scoring the text once per item
+# costs ~3 %.
+EXPLAIN_CHUNK_TOKENS = 32
 
 # JSON can carry "\ud800" alone; Python keeps it, but it is not Unicode and no encoder can take it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -256,16 +261,53 @@ class SentimentService:
             record_batch(self._traced, requests, started_ns, batch.tokenize_seconds, batch.forward_seconds)
         return batch.results
 
-    def text_cost(self, text: str, gates: bool, explain: bool = False) -> float:
-        """The work a text brings to the queue, in characters the tokenizer and model will see: a
-        text is cut to what truncation keeps (about ``CHARS_PER_TOKEN`` × max_tokens), each text has a
-        fixed overhead, a gate trace (a step-by-step unrolled LSTM) costs ``GATES_COST_FACTOR`` ×, and
-        an explanation adds one copy of the text per (estimated) token."""
+    def work_items(self, text: str, trace: bool, gates: bool, explain: bool) -> list[tuple[ScoreRequest, float]]:
+        """The queue items for one text, each with its cost (work in characters the tokenizer and
+        model will see).
+
+        A text is one item, costed at its characters up to what truncation keeps (about
+        ``CHARS_PER_TOKEN`` × max_tokens) plus a fixed overhead; a gate trace (a step-by-step unrolled
+        LSTM) costs ``GATES_COST_FACTOR`` ×. An explanation scores the text once more per token, so it
+        is split into items of ``EXPLAIN_CHUNK_TOKENS`` positions each: the batcher can then serve
+        other requests between them, and a light request never waits behind a whole explanation.
+        """
         assert self.engine is not None
         kept = min(len(text), CHARS_PER_TOKEN * self.engine.max_tokens)
         chars = kept + TEXT_OVERHEAD_CHARS
-        variants = min(kept / EXPLAIN_CHARS_PER_TOKEN, self.engine.max_explain_tokens) if explain else 0
-        return chars * (GATES_COST_FACTOR if gates else 1) + chars * variants
+        first = ScoreRequest(text, trace, gates)
+        if not explain:
+            return [(first, chars * (GATES_COST_FACTOR if gates else 1))]
+        estimated = min(kept / EXPLAIN_CHARS_PER_TOKEN, self.engine.max_explain_tokens)
+        bound = min(len(text), self.engine.max_explain_tokens)  # a token has at least one character
+        items = []
+        for start in range(0, bound, EXPLAIN_CHUNK_TOKENS):
+            stop = start + EXPLAIN_CHUNK_TOKENS
+            request = ScoreRequest(text, trace and not start, gates and not start, True, (start, stop))
+            base = chars * (GATES_COST_FACTOR if request.gates else 1)
+            items.append((request, base + chars * max(0.0, min(stop, estimated) - start)))
+        return items
+
+    def text_cost(self, text: str, gates: bool, explain: bool = False) -> float:
+        """The work one text brings to the queue (the sum of its items' costs)."""
+        return sum(cost for _, cost in self.work_items(text, False, gates, explain))
+
+    @staticmethod
+    def _merge(outcomes: list[Score | Exception], groups: list[range]) -> list[Score | Exception]:
+        """One outcome per text from its items: the first error, or the first item's score with the
+        attributions of every item's span, in order."""
+        merged: list[Score | Exception] = []
+        for group in groups:
+            parts = [outcomes[k] for k in group]
+            error = next((o for o in parts if isinstance(o, BaseException)), None)
+            if error is not None or len(parts) == 1:
+                merged.append(error if error is not None else parts[0])
+                continue
+            head = parts[0]
+            assert isinstance(head, Score) and head.explanation is not None
+            attributions = [a for part in parts for a in part.explanation.attributions]  # type: ignore[union-attr]
+            merged.append(dataclasses.replace(head, explanation=dataclasses.replace(
+                head.explanation, attributions=attributions)))
+        return merged
 
     async def predict(self, texts: Sequence[str], trace: bool,
                       disconnected: Callable[[], Awaitable[None]] | None = None,
@@ -285,13 +327,18 @@ class SentimentService:
                 f"at most {self.settings.max_explain_texts} texts per request with \"explain\"")}],
                 count=len(texts), limit=self.settings.max_explain_texts)
         assert self.batcher is not None
-        costs = [self.text_cost(t, gates, explain) for t in texts]
+        per_text = [self.work_items(t, trace, gates, explain) for t in texts]
+        requests = [request for items in per_text for request, _ in items]
+        costs = [cost for items in per_text for _, cost in items]
+        groups, at = [], 0
+        for items in per_text:
+            groups.append(range(at, at + len(items)))
+            at += len(items)
         wait = self.batcher.estimated_wait_s(sum(costs))
         # An idle service always admits: shedding cannot make that request any faster.
         if wait > self.settings.request_timeout_s and not self.batcher.idle:
             raise ApiError(Errors.OVERLOADED, reason=f"the estimated wait is {wait:.0f}s, over the "
                            f"{self.settings.request_timeout_s:g}s request timeout")
-        requests = [ScoreRequest(t, trace, gates, explain) for t in texts]
         timings = current_timings()  # None unless this request is traced (app.tracing)
         if timings is not None:
             timings.watch(requests, self._traced)
@@ -322,7 +369,7 @@ class SentimentService:
             raise ApiError(Errors.OVERLOADED, reason=str(exc)) from exc
         except BatcherClosedError as exc:
             raise ApiError(Errors.NOT_READY_DRAINING, detail=str(exc)) from exc
-        scores = self._scores_or_error(outcomes)
+        scores = self._scores_or_error(self._merge(outcomes, groups))
         self.metrics.texts.inc(len(scores))
         for s in scores:
             self.metrics.tokens_per_text.observe(s.num_tokens)

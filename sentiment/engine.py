@@ -51,14 +51,16 @@ class ScoreRequest:
     text: str
     trace: bool = False
     gates: bool = False
-    explain: bool = False  # occlusion: P(text) − P(text without token j), for every token j
+    explain: bool = False  # occlusion: P(text) − P(text without token j), for every token j …
+    explain_span: tuple[int, int] | None = None  # … or only for start <= j < stop (a slice of the work)
 
 
 @dataclass(frozen=True)
 class Explanation:
     """Occlusion attributions: ``attributions[j]`` is the text's probability minus the probability of
     the same text with ``tokens[j]`` dropped (a one-token text's "without" is the model's empty-input
-    probability). Positive: the token pushed the verdict towards positive."""
+    probability). Positive: the token pushed the verdict towards positive. For a request with an
+    ``explain_span``, ``attributions`` covers only the span's positions (that exist)."""
 
     method: str
     tokens: list[str]
@@ -177,19 +179,26 @@ class SentimentEngine:
         """Score encoded texts, and the occlusion variants of those asked to be explained, in the same
         length-bucketed passes; order kept."""
         variants: list[list[int]] = []
+        occluded: dict[int, range] = {}  # text index → the token positions it explains
         first_variant: dict[int, int] = {}  # text index → row of its first variant
         for i, (enc, request) in enumerate(zip(encoded, requests)):
-            if request.explain and len(enc.ids) > 1:
-                first_variant[i] = len(encoded) + len(variants)
-                variants.extend(enc.ids[:j] + enc.ids[j + 1:] for j in range(len(enc.ids)))
+            if request.explain:
+                start, stop = request.explain_span or (0, len(enc.ids))
+                occluded[i] = range(min(start, len(enc.ids)), min(stop, len(enc.ids)))
+                if len(enc.ids) > 1:
+                    first_variant[i] = len(encoded) + len(variants)
+                    variants.extend(enc.ids[:j] + enc.ids[j + 1:] for j in occluded[i])
         wants_steps = [r.trace or r.gates for r in requests] + [False] * len(variants)
         last, steps = self._run([e.ids for e in encoded] + variants, wants_steps)
         scores = []
         for i, (enc, request) in enumerate(zip(encoded, requests)):
             explanation = None
             if request.explain:
-                n = len(enc.ids)
-                without = last[first_variant[i]:first_variant[i] + n] if n > 1 else [self.empty_probability]
+                positions = occluded[i]
+                if len(enc.ids) > 1:
+                    without = last[first_variant[i]:first_variant[i] + len(positions)]
+                else:
+                    without = [self.empty_probability] * len(positions)
                 explanation = Explanation("occlusion", list(enc.tokens), [last[i] - p for p in without])
             scores.append(Score(
                 probability=last[i],

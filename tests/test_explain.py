@@ -129,3 +129,25 @@ def test_signs_on_constructed_examples_with_the_shipped_model(make_client) -> No
     (neg,) = explain(client, ["The plot was not bad at all , I enjoyed it ."])
     tokens, attributions = neg["explanation"]["tokens"], neg["explanation"]["attributions"]
     assert neg["label"] == "positive" and attributions[tokens.index("enjoyed")] > 0
+
+
+def test_an_explanation_split_into_queue_items_equals_the_whole(make_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.service
+
+    client = make_client()
+    whole = explain(client, [TEXT, "good", OTHERS[0]], trace=True)
+    monkeypatch.setattr(app.service, "EXPLAIN_CHUNK_TOKENS", 3)  # TEXT's 11 tokens → 4 items with work
+    items = client.app.state.service.work_items(TEXT, True, False, True)
+    assert [r.explain_span for r, _ in items][:4] == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert items[0][0].trace and not any(r.trace for r, _ in items[1:])  # the trace is computed once
+    split = explain(client, [TEXT, "good", OTHERS[0]], trace=True)
+    for a, b in zip(whole, split):
+        assert b["explanation"]["tokens"] == a["explanation"]["tokens"]
+        assert b["explanation"]["attributions"] == pytest.approx(a["explanation"]["attributions"], abs=1e-6)
+        assert b["trace"]["tokens"] == a["trace"]["tokens"]
+        assert b["trace"]["probabilities"] == pytest.approx(a["trace"]["probabilities"], abs=1e-5)
+        assert b["probability"] == pytest.approx(a["probability"], abs=1e-5)
+    client_small = make_client(max_explain_tokens=5)
+    monkeypatch.setattr(app.service, "EXPLAIN_CHUNK_TOKENS", 2)
+    r = client_small.post("/v1/predict", json={"texts": ["the film was very good !"], "explain": "occlusion"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "explain_too_long"
