@@ -22,19 +22,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Route labels for metrics, the access log and span names: the exact paths below, else the prefix
-# below (to keep the metric's label set small), else "other". New routes add their labels here,
-# e.g. the Open Inference Protocol's /v2 paths (templated ones such as /v2/models/{name}/infer by prefix).
+# Route labels for metrics, the access log and span names: the exact paths below, else the template
+# a path matches (the Open Inference Protocol's /v2/models/<name>[/versions/<v>]/…, one label each
+# whatever the name or version), else the prefix below, else "other": the label set stays small.
 KNOWN_ROUTES = {"/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/", "/docs",
-                "/openapi.json"}
+                "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready"}
+TEMPLATE_ROUTES = (
+    (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer"), "/v2/models/{name}/infer"),
+    (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready"), "/v2/models/{name}/ready"),
+    (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?"), "/v2/models/{name}"),
+)
 PREFIX_ROUTES = ("/static/", "/docs-assets/")  # labelled by prefix to keep the metric's label set small
 OTHER_ROUTE = "other"
 
 
 def route_label(path: str) -> str:
-    """The label of ``path`` for metrics, logs and spans (see KNOWN_ROUTES and PREFIX_ROUTES)."""
+    """The label of ``path`` for metrics, logs and spans (KNOWN_ROUTES, TEMPLATE_ROUTES, PREFIX_ROUTES)."""
     if path in KNOWN_ROUTES:
         return path
+    template = next((label for pattern, label in TEMPLATE_ROUTES if pattern.fullmatch(path)), None)
+    if template is not None:
+        return template
     return next((prefix.rstrip("/") for prefix in PREFIX_ROUTES if path.startswith(prefix)), OTHER_ROUTE)
 
 

@@ -264,3 +264,18 @@ def test_a_real_triton_client_against_the_real_server(tiny_artifacts) -> None:
                 client.infer("nope", [tensor])
         finally:
             client.close()
+
+
+def test_v2_requests_get_bounded_route_labels(client: TestClient) -> None:
+    from app.middleware import route_label
+
+    assert route_label("/v2/models/sentiment/infer") == "/v2/models/{name}/infer"
+    assert route_label("/v2/models/x/versions/7/infer") == "/v2/models/{name}/infer"
+    assert route_label("/v2/models/x/versions/7/ready") == "/v2/models/{name}/ready"
+    assert route_label("/v2/models/x") == "/v2/models/{name}"
+    assert route_label("/v2/models/x/y/z/infer") == "other"
+    client.post(INFER, json=texts_tensor(["good"]))
+    client.get("/v2/health/ready")
+    metrics = client.get("/metrics").text
+    assert 'route="/v2/models/{name}/infer",status="200"' in metrics
+    assert 'route="/v2/health/ready",status="200"' in metrics
