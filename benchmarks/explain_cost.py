@@ -21,7 +21,7 @@ import time
 import httpx
 
 from app.process import ServiceProcess
-from benchmarks.fairness import quantile
+from benchmarks.fairness import light_client, quantile
 from benchmarks.run import REPO, load_reviews
 from sentiment.artifacts import load_artifacts
 from sentiment.text import TextEncoder
@@ -47,19 +47,6 @@ def timed_post(client: httpx.Client, body: dict) -> tuple[float, dict]:
     return elapsed, r.json()
 
 
-async def light_client(base: str, text: str, seconds: float) -> list[float]:
-    latencies = []
-    deadline = time.monotonic() + seconds
-    async with httpx.AsyncClient(base_url=base, timeout=120) as c:
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            r = await c.post("/v1/predict", json={"texts": [text]})
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - started)
-            await asyncio.sleep(0.05)
-    return latencies
-
-
 async def explainer(base: str, texts: list[str], seconds: float, done: list[float]) -> None:
     deadline = time.monotonic() + seconds
     async with httpx.AsyncClient(base_url=base, timeout=120) as c:
@@ -78,7 +65,7 @@ async def beside(base: str, light_text: str, heavy: list[str], explainers: int, 
     done: list[float] = []
     tasks = [asyncio.ensure_future(explainer(base, heavy, seconds + 2, done)) for _ in range(explainers)]
     await asyncio.sleep(2 if explainers else 0)
-    light = await light_client(base, light_text, seconds)
+    light = await light_client(base, seconds, light_text)
     await asyncio.gather(*tasks)
     return light, done
 

@@ -28,13 +28,14 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def light_client(base: str, seconds: float) -> list[float]:
+async def light_client(base: str, seconds: float, text: str = "great") -> list[float]:
+    """Latencies of one-text requests sent one after another (50 ms apart) for ``seconds``."""
     latencies = []
     deadline = time.monotonic() + seconds
     async with httpx.AsyncClient(base_url=base, timeout=120) as c:
         while time.monotonic() < deadline:
             started = time.perf_counter()
-            r = await c.post("/v1/predict", json={"texts": ["great"]})
+            r = await c.post("/v1/predict", json={"texts": [text]})
             if r.status_code != 200:
                 raise RuntimeError(f"the light request got {r.status_code}: {r.text[:200]}")
             latencies.append(time.perf_counter() - started)
