@@ -10,7 +10,8 @@ the metrics. Only the wire format differs:
   ``truncated`` (BOOL ``[N]``); with ``"parameters": {"trace": true}``, or when one of them is asked
   for by name, ``trace_tokens`` (BYTES ``[N, T]``) and ``trace_probabilities`` (FP32 ``[N, T]``),
   where ``T`` is the longest text's token count and shorter rows are padded with ``""`` and ``0.0``
-  (``num_tokens`` says where each row ends);
+  (``num_tokens`` says where each row ends); with ``"parameters": {"explain": "occlusion"}`` (or when
+  asked for by name), ``attributions`` (FP32 ``[N, T]``, padded with ``0.0``), as in ``/v1``;
 * errors: ``{"error": "<message>"}`` (the protocol's error object; see :mod:`app.errors`), with the
   same statuses as the v1 API.
 
@@ -41,6 +42,7 @@ PLATFORM = "pytorch_torchscript"
 INPUT_NAME = "text"
 SCORE_OUTPUTS = ("probability", "label", "num_tokens", "truncated")
 TRACE_OUTPUTS = ("trace_tokens", "trace_probabilities")
+EXPLAIN_OUTPUTS = ("attributions",)
 BINARY_HEADER = "inference-header-content-length"
 
 
@@ -165,13 +167,16 @@ def parse_infer_request(body: bytes, json_size: int | None) -> tuple[InferenceRe
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise _invalid(f"element {bad} of input {INPUT_NAME!r} is {type(texts[bad]).__name__}, not a string")
-    known = SCORE_OUTPUTS + TRACE_OUTPUTS
+    known = SCORE_OUTPUTS + TRACE_OUTPUTS + EXPLAIN_OUTPUTS
     unknown = [o.name for o in req.outputs or [] if o.name not in known]
     if unknown:
         raise _invalid(f"unknown output(s) {unknown}; this model has {list(known)}")
     trace = (req.parameters or {}).get("trace", False)
     if not isinstance(trace, bool):
         raise _invalid(f"parameter 'trace' must be true or false, not {trace!r}")
+    explain = (req.parameters or {}).get("explain")
+    if explain not in (None, "occlusion"):
+        raise _invalid(f"parameter 'explain' must be \"occlusion\", not {explain!r}")
     return req, texts
 
 
@@ -181,7 +186,7 @@ def _tensor(name: str, datatype: str, shape: list[int], data: list[Any]) -> dict
 
 def _outputs(wanted: list[str], scores: list[Any]) -> list[dict[str, Any]]:
     n = len(scores)
-    width = max((len(s.tokens) for s in scores if s.tokens is not None), default=0)
+    width = max((s.num_tokens for s in scores), default=0)
     build = {
         "probability": lambda: _tensor("probability", "FP32", [n], [s.probability for s in scores]),
         "label": lambda: _tensor("label", "BYTES", [n], [label_of(s.probability) for s in scores]),
@@ -191,6 +196,8 @@ def _outputs(wanted: list[str], scores: list[Any]) -> list[dict[str, Any]]:
             [s.tokens + [""] * (width - len(s.tokens)) for s in scores])),
         "trace_probabilities": lambda: _tensor("trace_probabilities", "FP32", [n, width], _flatten(
             [s.trace + [0.0] * (width - len(s.trace)) for s in scores])),
+        "attributions": lambda: _tensor("attributions", "FP32", [n, width], _flatten(
+            [s.explanation.attributions + [0.0] * (width - len(s.explanation.attributions)) for s in scores])),
     }
     return [build[name]() for name in wanted]
 
@@ -245,6 +252,7 @@ async def _model_metadata(request: Request, name: str, version: str | None) -> d
             {"name": "truncated", "datatype": "BOOL", "shape": [-1]},
             {"name": "trace_tokens", "datatype": "BYTES", "shape": [-1, -1]},
             {"name": "trace_probabilities", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "attributions", "datatype": "FP32", "shape": [-1, -1]},
         ],
     }
 
@@ -283,11 +291,14 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         req, texts = parse_infer_request(body, json_size)
     wanted = [o.name for o in req.outputs] if req.outputs else list(SCORE_OUTPUTS)
     trace = bool((req.parameters or {}).get("trace")) or any(n in TRACE_OUTPUTS for n in wanted)
+    explain = (req.parameters or {}).get("explain") is not None or "attributions" in wanted
     if trace and not req.outputs:
         wanted += TRACE_OUTPUTS
+    if explain and not req.outputs:
+        wanted += EXPLAIN_OUTPUTS
     service.metrics.requests_in_flight.inc()
     try:
-        engine, scores = await service.predict(texts, trace, lambda: wait_for_disconnect(request))
+        engine, scores = await service.predict(texts, trace, lambda: wait_for_disconnect(request), explain=explain)
     finally:
         service.metrics.requests_in_flight.dec()
     answer: dict[str, Any] = {"model_name": name, "model_version": engine.version}

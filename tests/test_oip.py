@@ -83,7 +83,7 @@ def test_health_and_metadata_follow_the_spec(client: TestClient) -> None:
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
         "probability": "FP32", "label": "BYTES", "num_tokens": "INT32", "truncated": "BOOL",
-        "trace_tokens": "BYTES", "trace_probabilities": "FP32"}
+        "trace_tokens": "BYTES", "trace_probabilities": "FP32", "attributions": "FP32"}
     assert client.get("/v2/models/sentiment/versions/tiny-test").json() == meta
 
 
@@ -124,6 +124,21 @@ def test_trace_outputs_are_padded_tensors_equal_to_the_v1_trace(client: TestClie
     only = client.post(INFER, json=texts_tensor(TEXTS, outputs=[{"name": "trace_probabilities"}])).json()
     assert [o["name"] for o in only["outputs"]] == ["trace_probabilities"]
     assert only["outputs"][0]["data"] == out["trace_probabilities"]["data"]
+
+
+def test_explanations_are_a_padded_attributions_tensor_equal_to_v1(client: TestClient) -> None:
+    v1 = client.post("/v1/predict", json={"texts": TEXTS, "explain": "occlusion"}).json()["predictions"]
+    body = client.post(INFER, json=texts_tensor(TEXTS, parameters={"explain": "occlusion"})).json()
+    out = outputs_of(body)
+    assert list(out) == ["probability", "label", "num_tokens", "truncated", "attributions"]
+    width = max(p["num_tokens"] for p in v1)
+    assert out["attributions"]["shape"] == [3, width]
+    for i, p in enumerate(v1):
+        row = out["attributions"]["data"][i * width:(i + 1) * width]
+        assert row[:p["num_tokens"]] == pytest.approx(p["explanation"]["attributions"], abs=1e-5)
+        assert set(row[p["num_tokens"]:]) <= {0.0}
+    r = client.post(INFER, json=texts_tensor(TEXTS, parameters={"explain": "lime"}))
+    assert r.status_code == 400 and "explain" in r.json()["error"]
 
 
 def binary_request(texts: list[str], **extra) -> tuple[bytes, dict[str, str]]:
