@@ -1,5 +1,7 @@
-// Trace viewer: sends the review to the public API (POST v1/predict with "trace": true) and draws
-// the model's running P(positive) as coloured tokens and an SVG line chart. No libraries, no build.
+// Trace viewer: sends the review to the public API (POST v1/predict with "trace": true, and
+// "explain": "occlusion" when Explain is ticked) and draws the model's running P(positive) as coloured
+// tokens and an SVG line chart, and each token's attribution (how much the verdict's probability
+// depends on it) as a second colouring of the same tokens. No libraries, no build.
 // URLs are relative so the page also works when the service sits behind a path prefix.
 "use strict";
 
@@ -40,13 +42,21 @@
   /** Dark text on light backgrounds, white on the saturated ends. */
   const textColour = (p) => (Math.abs(p - 0.5) > 0.33 ? "#ffffff" : "#1c2430");
   const fmt = (p) => p.toFixed(3);
-  const signed = (d) => (Math.abs(d) < 0.0005 ? "±" : d > 0 ? "+" : "−") + Math.abs(d).toFixed(3);
+  const signed = (d, digits = 3) =>
+    (Math.abs(d) < 0.5 * 10 ** -digits ? "±" : d > 0 ? "+" : "−") + Math.abs(d).toFixed(digits);
+
+  /** Attribution a on the same diverging scale, symmetric around 0 and scaled to ±maxAbs (the
+   *  largest |attribution| in the review): −maxAbs is the red end, 0 white, +maxAbs the blue end. */
+  const attributionPosition = (a, maxAbs) => (maxAbs > 0 ? 0.5 + 0.5 * (a / maxAbs) : 0.5);
   const quote = (t) => `“${t}”`;
 
   // Punctuation and English clitics are drawn against the previous token, as they were written.
   const TIGHT = /^([.,!?;:%)\]}…]|'s$|'re$|'ve$|'ll$|'d$|'m$|n't$)/i;
 
-  const state = { result: null, active: -1, tipFrom: null, controller: null, modelRetry: null };
+  // view: which colouring the token list shows ("probability" or "attribution"); it is the user's
+  // choice and persists across analyses. limits: /v1/model's request limits, once known.
+  const state = { result: null, active: -1, tipFrom: null, controller: null, modelRetry: null,
+    view: "probability", limits: null };
 
   // Adds "Authorization: Bearer <key>" when the user has entered an API key.
   function authorized(headers) {
@@ -69,6 +79,7 @@
     if (res.ok) {
       const info = await res.json();
       setModelStatus("ready", `Ready · ${info.device}`);
+      state.limits = info.limits || null;
       renderModelInfo(info);
       return;
     }
@@ -117,8 +128,11 @@
     } catch (_) {
       /* not JSON: a proxy page or an empty body */
     }
-    if (body && body.error && body.error.message) return { code: body.error.code, message: body.error.message };
-    return { code: `http_${res.status}`, message: `The service answered HTTP ${res.status} ${res.statusText || ""}`.trim() + "." };
+    if (body && body.error && body.error.message) {
+      return { code: body.error.code, message: body.error.message, details: body.error.details || [] };
+    }
+    return { code: `http_${res.status}`, message: `The service answered HTTP ${res.status} ${res.statusText || ""}`.trim() + ".",
+      details: [] };
   }
 
   function showError(title, message) {
@@ -151,18 +165,36 @@
     button.textContent = "Analyzing…";
     $("result").setAttribute("aria-busy", "true");
     clearError();
-    try {
-      let res;
+    const gates = $("gates-toggle").checked;
+    const wantExplain = $("explain-toggle").checked;
+    const send = async (explain) => {
+      const body = { texts: [text], trace: true, gates };
+      if (explain) body.explain = "occlusion";
       try {
-        res = await fetch("v1/predict", {
+        return await fetch("v1/predict", {
           method: "POST",
           headers: authorized({ "Content-Type": "application/json", Accept: "application/json" }),
-          body: JSON.stringify({ texts: [text], trace: true, gates: $("gates-toggle").checked }),
+          body: JSON.stringify(body),
           signal: controller.signal,
         });
       } catch (err) {
-        if (err.name === "AbortError") return;
+        if (err.name === "AbortError") return null;
         throw new NetworkError();
+      }
+    };
+    try {
+      let res = await send(wantExplain);
+      if (!res) return; // replaced by a newer request
+      // The explanation is an extra: when the service refuses it (the review is over the explanation
+      // limit, or an older service does not know "explain"), analyze without it and say why.
+      let explainRefused = null;
+      if (wantExplain && !res.ok) {
+        const err = await readError(res.clone());
+        if (isExplainError(res.status, err)) {
+          explainRefused = err;
+          res = await send(false);
+          if (!res) return;
+        }
       }
       if (res.status === 401) {
         // SENTIMENT_API_KEY is set: ask for the key (never stored beyond this page).
@@ -174,7 +206,12 @@
       if (!res.ok) {
         const err = await readError(res);
         const retry = res.headers.get("Retry-After");
-        const hint = retry ? ` Try again in ${retry} s.` : "";
+        let hint = retry ? ` Try again in ${retry} s.` : "";
+        // An explanation costs about one prediction per token, and admission counts it: without it
+        // the same review is much cheaper to let in.
+        if (wantExplain && res.status === 503 && err.code === "overloaded") {
+          hint += " Unticking \u201cExplain (why)\u201d makes the request much cheaper.";
+        }
         fail(`The service could not analyze this text (${err.code}).`, err.message + hint);
         return;
       }
@@ -185,7 +222,7 @@
         return;
       }
       const ms = Number(res.headers.get("x-process-time-ms"));
-      render(prediction, body.model, Number.isFinite(ms) ? ms : null);
+      render(prediction, body.model, Number.isFinite(ms) ? ms : null, { asked: wantExplain, refused: explainRefused });
       document.body.dataset.state = "done";
     } catch (err) {
       if (err instanceof NetworkError) {
@@ -205,15 +242,27 @@
 
   class NetworkError extends Error {}
 
+  /** Did the service refuse only the explanation (so the same request without it can succeed)? */
+  function isExplainError(status, err) {
+    if (err.code === "explain_too_long" || err.code === "too_many_explained_texts") return true;
+    // A service that predates explanations rejects the unknown field: 422 with "explain" in a detail's loc.
+    return status === 422 && err.details.some((d) => Array.isArray(d.loc) && d.loc.includes("explain"));
+  }
+
   function fail(title, message) {
     showError(title, message);
     document.body.dataset.state = "error";
   }
 
   // ---- render ------------------------------------------------------------------------------------
-  function render(prediction, model, ms) {
+  function render(prediction, model, ms, explain) {
     const { tokens, probabilities: probs } = prediction.trace;
-    state.result = { tokens, probs, prediction };
+    // The explanation's tokens are the trace's (the API guarantees it); anything else is not shown.
+    const ex = prediction.explanation;
+    const attrs = ex && Array.isArray(ex.attributions) && ex.tokens.length === tokens.length &&
+      ex.tokens.every((t, i) => t === tokens[i]) ? ex.attributions : null;
+    const maxAbs = attrs ? Math.max(0, ...attrs.map(Math.abs)) : 0;
+    state.result = { tokens, probs, prediction, attrs, maxAbs };
     state.active = -1;
     $("result").hidden = false;
 
@@ -234,10 +283,131 @@
       note.hidden = true;
     }
 
+    renderExplainNote(prediction, explain, attrs);
     renderTokens(tokens, probs, prediction.truncated);
+    applyView();
+    renderDecided(tokens, attrs, prediction.label);
     renderChart();
     renderGates(prediction.trace.gates);
     renderMoves(tokens, probs);
+  }
+
+  // ---- explanation (occlusion attributions) --------------------------------------------------------
+  function renderExplainNote(prediction, explain, attrs) {
+    const note = $("explain-note");
+    const hint = $("view-attribution-hint");
+    let why = null;
+    if (explain.refused) {
+      const err = explain.refused;
+      if (err.code === "explain_too_long") {
+        const limit = (state.limits && state.limits.max_explain_tokens) ||
+          Number((err.message.match(/limit is (\d+)/) || [])[1]) || null;
+        note.textContent = `Not explained: this review has ${prediction.num_tokens} tokens` +
+          (prediction.truncated ? " (after truncation)" : "") +
+          `, and the service explains at most ${limit !== null ? limit : "fewer"} tokens per text. ` +
+          "Showing the running probability only; shorten the review to see which words decided the verdict.";
+      } else {
+        note.textContent = `Not explained: the service refused the explanation (${err.code}: ${err.message}). ` +
+          "Showing the running probability only.";
+      }
+      why = "Not available for this review (see the note above).";
+    } else if (!explain.asked) {
+      why = "Tick \u201cExplain (why)\u201d and analyze again to see attributions.";
+    } else if (!attrs) {
+      note.textContent = "Not explained: the service answered without an explanation. Showing the running probability only.";
+      why = "Not available for this review.";
+    }
+    note.hidden = !explain.refused && !(explain.asked && !attrs);
+    hint.textContent = why || "";
+    hint.hidden = !why;
+    $("view-attribution").disabled = !attrs;
+  }
+
+  /** Colour the tokens, the legend and the help text by the chosen view (probability when there is
+   *  no explanation). */
+  function applyView() {
+    const r = state.result;
+    if (!r) return;
+    const view = state.view === "attribution" && r.attrs ? "attribution" : "probability";
+    $("tokens").dataset.view = view;
+    $("legend").dataset.view = view;
+    const ticks = $("legend-ticks").children;
+    if (view === "attribution") {
+      $("tokens-heading").textContent = "Tokens, coloured by attribution (why)";
+      $("tokens-help").textContent = "Each token shows how much it moved the verdict: P(positive) of the review minus " +
+        "P(positive) with that token dropped. Blue pushed towards positive, red towards negative, white did not " +
+        `matter; the scale runs to ±${fmt(r.maxAbs)}, the largest in this review. Hover a token, or focus the ` +
+        "list and use the arrow keys.";
+      [ticks[0].textContent, ticks[1].textContent, ticks[2].textContent] = [signed(-r.maxAbs), "0", signed(r.maxAbs)];
+    } else {
+      $("tokens-heading").textContent = "Tokens, coloured by the running probability";
+      $("tokens-help").textContent = "Each token shows P(positive) after the model has read it. " +
+        "Hover a token, or focus the list and use the arrow keys.";
+      [ticks[0].textContent, ticks[1].textContent, ticks[2].textContent] = ["0", "0.5", "1"];
+    }
+    $("tokens").querySelectorAll(".token").forEach((el) => {
+      const i = Number(el.dataset.i);
+      const pos = view === "attribution" ? attributionPosition(r.attrs[i], r.maxAbs) : r.probs[i];
+      el.style.background = colour(pos);
+      el.style.color = textColour(pos);
+    });
+    const radio = document.querySelector(`input[name=token-view][value=${view}]`);
+    if (!radio.checked) radio.checked = true;
+  }
+
+  /** The words that decided the verdict: the strongest attributions towards it (5) and against it (3). */
+  function renderDecided(tokens, attrs, label) {
+    const card = $("decided-card");
+    card.hidden = !attrs;
+    if (!attrs) return;
+    const toward = label === "positive" ? 1 : -1;
+    const other = label === "positive" ? "negative" : "positive";
+    const forHead = $("decided-for-heading");
+    forHead.textContent = `Towards ${label}, for the verdict`;
+    forHead.className = label === "positive" ? "pos-text" : "neg-text";
+    const againstHead = $("decided-against-heading");
+    againstHead.textContent = `Towards ${other}, against it`;
+    againstHead.className = other === "positive" ? "pos-text" : "neg-text";
+    const items = attrs.map((a, i) => ({ i, a }));
+    // Strongest first, each word once (a repeated word is listed where it mattered most).
+    const top = (list, k) => {
+      const seen = new Set();
+      return list.filter(({ i }) => !seen.has(tokens[i]) && seen.add(tokens[i])).slice(0, k);
+    };
+    const pro = top(items.filter((x) => x.a * toward >= 0.005).sort((x, y) => (y.a - x.a) * toward), 5);
+    const con = top(items.filter((x) => x.a * toward <= -0.005).sort((x, y) => (x.a - y.a) * toward), 3);
+    const fill = (id, list, emptyText) => {
+      const el = $(id);
+      if (!list.length) {
+        const li = document.createElement("li");
+        li.className = "empty";
+        li.textContent = emptyText;
+        el.replaceChildren(li);
+        return;
+      }
+      el.replaceChildren(...list.map(({ i, a }) => {
+        const li = document.createElement("li");
+        const b = document.createElement("button");
+        b.type = "button";
+        b.className = "move decided";
+        b.dataset.i = String(i);
+        b.dataset.a = String(a);
+        b.title = `Show token ${i + 1}`;
+        const value = document.createElement("span");
+        value.className = `delta ${a >= 0 ? "pos-text" : "neg-text"}`;
+        value.textContent = signed(a, 2);
+        const word = document.createElement("span");
+        word.className = "word";
+        word.textContent = tokens[i];
+        b.append(value, word);
+        b.setAttribute("aria-label", `${tokens[i]}, token ${i + 1}: attribution ${signed(a)}; show it`);
+        b.addEventListener("click", () => focusToken(i));
+        li.append(b);
+        return li;
+      }));
+    };
+    fill("decided-for", pro, "No word pushed it noticeably towards the verdict.");
+    fill("decided-against", con, `No word pushed it noticeably towards ${other}.`);
   }
 
   // ---- gate chart (only when the request asked for "gates": true) ------------------------------
@@ -329,12 +499,13 @@
       const span = document.createElement("span");
       span.className = TIGHT.test(tok) && i > 0 ? "token tight" : "token";
       span.textContent = tok;
+      const a = state.result.attrs ? state.result.attrs[i] : null;
       span.dataset.p = String(p);
       span.dataset.i = String(i);
-      span.style.background = colour(p);
-      span.style.color = textColour(p);
+      if (a !== null) span.dataset.a = String(a);
       span.tabIndex = i === 0 ? 0 : -1; // roving tabindex: one tab stop, arrows move inside
-      span.setAttribute("aria-label", `${tok}: token ${i + 1} of ${tokens.length}, P(positive) ${fmt(p)}`);
+      span.setAttribute("aria-label", `${tok}: token ${i + 1} of ${tokens.length}, P(positive) ${fmt(p)}` +
+        (a !== null ? `, attribution ${signed(a)}` : ""));
       frag.append(span);
     });
     box.replaceChildren(frag);
@@ -392,6 +563,16 @@
       line2.className = "tt-value";
       line2.textContent = `change from previous token ${signed(probs[i] - probs[i - 1])}`;
       tip.append(line2);
+    }
+    const { attrs, prediction } = state.result;
+    if (attrs) {
+      const line3 = document.createElement("div");
+      line3.className = "tt-value tt-attribution";
+      line3.textContent = `attribution ${signed(attrs[i])}`;
+      const line4 = document.createElement("div");
+      line4.className = "tt-value";
+      line4.textContent = `review without it: P(positive) ${fmt(prediction.probability - attrs[i])}`;
+      tip.append(line3, line4);
     }
     tip.hidden = false;
     // Place above the anchor (a DOMRect-like {left, top, width, height}); below when there is no room.
@@ -679,6 +860,12 @@
         $("review").focus();
       }));
     wireTokens();
+    document.querySelectorAll("input[name=token-view]").forEach((radio) =>
+      radio.addEventListener("change", () => {
+        if (!radio.checked) return;
+        state.view = radio.value;
+        applyView();
+      }));
     let width = 0;
     new ResizeObserver((entries) => {
       const w = Math.round(entries[0].contentRect.width);
