@@ -286,7 +286,7 @@
     renderExplainNote(prediction, explain, attrs);
     renderTokens(tokens, probs, prediction.truncated);
     applyView();
-    renderDecided(tokens, attrs, prediction.label);
+    renderDecided(tokens, attrs, prediction.label, prediction.probability);
     renderChart();
     renderGates(prediction.trace.gates);
     renderMoves(tokens, probs);
@@ -356,10 +356,18 @@
   }
 
   /** The words that decided the verdict: the strongest attributions towards it (5) and against it (3). */
-  function renderDecided(tokens, attrs, label) {
+  function renderDecided(tokens, attrs, label, probability) {
     const card = $("decided-card");
     card.hidden = !attrs;
     if (!attrs) return;
+    // A very confident verdict saturates: P(positive) hardly moves when any one word is dropped, so
+    // every attribution is tiny. Say so, and still list the largest (with more digits).
+    const maxAbs = Math.max(...attrs.map(Math.abs));
+    const digits = maxAbs < 0.01 ? 4 : 2;
+    const note = $("decided-note");
+    note.hidden = maxAbs >= 0.01;
+    note.textContent = maxAbs >= 0.01 ? "" : `The model is so sure (P(positive) = ${fmt(probability)}) that ` +
+      `dropping any single word moves it by less than 0.01: no one word decides, the review as a whole does.`;
     const toward = label === "positive" ? 1 : -1;
     const other = label === "positive" ? "negative" : "positive";
     const forHead = $("decided-for-heading");
@@ -374,8 +382,9 @@
       const seen = new Set();
       return list.filter(({ i }) => !seen.has(tokens[i]) && seen.add(tokens[i])).slice(0, k);
     };
-    const pro = top(items.filter((x) => x.a * toward >= 0.005).sort((x, y) => (y.a - x.a) * toward), 5);
-    const con = top(items.filter((x) => x.a * toward <= -0.005).sort((x, y) => (x.a - y.a) * toward), 3);
+    const floor = 0.5 * 10 ** -digits;  // what would print as ±0
+    const pro = top(items.filter((x) => x.a * toward >= floor).sort((x, y) => (y.a - x.a) * toward), 5);
+    const con = top(items.filter((x) => x.a * toward <= -floor).sort((x, y) => (x.a - y.a) * toward), 3);
     const fill = (id, list, emptyText) => {
       const el = $(id);
       if (!list.length) {
@@ -395,7 +404,7 @@
         b.title = `Show token ${i + 1}`;
         const value = document.createElement("span");
         value.className = `delta ${a >= 0 ? "pos-text" : "neg-text"}`;
-        value.textContent = signed(a, 2);
+        value.textContent = signed(a, digits);
         const word = document.createElement("span");
         word.className = "word";
         word.textContent = tokens[i];
