@@ -2,8 +2,9 @@
 
 How one review flows to its probability:
 
-    routes.predict (HTTP → PredictRequest)
-      → SentimentService.predict   validate limits, one ScoreRequest per text, wait with timeout
+    routes.predict (HTTP → PredictRequest), or oip.infer (an inference request's BYTES tensor)
+      → SentimentService.predict   validate limits, one ScoreRequest per text (an explanation: one per
+                                   32 token positions, merged back), admission by cost, wait with timeout
       → MicroBatcher.submit_many   queue; the worker gathers a batch from concurrent callers
       → SentimentService.score_batch   on the model thread
       → SentimentEngine.score      text → tokens → ids (sentiment.text), length-bucketed passes
