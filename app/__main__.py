@@ -34,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=settings.host, help="address to listen on (SENTIMENT_HOST)")
     parser.add_argument("--port", type=int, default=settings.port, help="port to listen on (SENTIMENT_PORT)")
-    parser.add_argument("--log-level", default=settings.log_level, help="log level (SENTIMENT_LOG_LEVEL)")
+    parser.add_argument("--log-level", default=settings.log_level, help="log level (SENTIMENT_LOG_LEVEL)",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--log-format", default=settings.log_format, choices=["text", "json"],
                         help="log lines as text or one JSON object per line (SENTIMENT_LOG_FORMAT)")
     parser.add_argument("--graceful-timeout", type=float, default=settings.graceful_timeout_s,

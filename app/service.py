@@ -33,7 +33,7 @@ import torch
 
 from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from app.errors import ApiError, Errors
-from app.logs import note_texts
+from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
 from app.settings import Settings
 from app.tracing import RequestTimings, current_timings, record_batch
@@ -58,7 +58,7 @@ EXPLAIN_CHARS_PER_TOKEN = 5
 EXPLAIN_CHUNK_TOKENS = 32
 
 # JSON can carry "\ud800" alone; Python keeps it, but it is not Unicode and no encoder can take it.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class State(str, Enum):
@@ -236,7 +236,7 @@ class SentimentService:
                 problems.append((Errors.TEXT_TOO_LONG, i, f"text has {len(text)} characters; the limit is {s.max_text_chars}"))
             elif not text.strip():
                 problems.append((Errors.EMPTY_TEXT, i, "text is empty or whitespace"))
-            elif (bad := _LONE_SURROGATE.search(text)) is not None:
+            elif (bad := LONE_SURROGATE.search(text)) is not None:
                 problems.append((Errors.INVALID_UNICODE, i, f"lone surrogate U+{ord(bad.group()):04X} at character "
                                  f"{bad.start()}: not valid Unicode (escape astral characters as a \\uD8xx\\uDCxx pair)"))
             elif (word := long_word.search(text)) is not None:
@@ -278,7 +278,9 @@ class SentimentService:
         first = ScoreRequest(text, trace, gates)
         if not explain:
             return [(first, chars * (GATES_COST_FACTOR if gates else 1))]
-        estimated = min(kept / EXPLAIN_CHARS_PER_TOKEN, self.engine.max_explain_tokens)
+        # Tokens, estimated: ~5 characters each, but never fewer than the whitespace-separated words
+        # (a hostile text of one-letter words must not be charged for a fifth of its work).
+        estimated = min(max(kept / EXPLAIN_CHARS_PER_TOKEN, len(text[:kept].split())), self.engine.max_explain_tokens)
         bound = min(len(text), self.engine.max_explain_tokens)  # a token has at least one character
         items = []
         for start in range(0, bound, EXPLAIN_CHUNK_TOKENS):
@@ -321,6 +323,8 @@ class SentimentService:
         later; on an idle service every request is admitted.
         """
         note_texts(len(texts))  # for the access log line and the span: the count only, never the texts
+        if explain:
+            note_explained()
         engine = self.require_ready()
         self.validate_texts(texts)
         if explain and len(texts) > self.settings.max_explain_texts:
@@ -396,7 +400,8 @@ class SentimentService:
                 kind = Errors.NOT_READY_FAILED if self.state is State.FAILED else Errors.NOT_READY_DRAINING
                 raise ApiError(kind, detail=str(outcome))
             elif isinstance(outcome, BaseException):
-                log.error("texts[%d] failed: %s: %s", i, type(outcome).__name__, outcome)
+                # The type only: an exception's message could quote the text, and no text is ever logged.
+                log.error("texts[%d] failed: %s", i, type(outcome).__name__)
                 raise ApiError(Errors.TEXT_FAILED, index=i) from outcome
         if problems:
             raise self._text_problems(problems)

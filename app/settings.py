@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="most texts in one batch (1 turns batching off)")
     max_batch_tokens: int = Field(16_384, ge=1, description="most padded tokens in one forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a batch waits to fill under concurrent load")
-    max_queue: int = Field(1024, ge=1, description="most texts waiting; beyond it requests get 503")
+    max_queue: int = Field(1024, ge=1, description=(
+        "most queue items waiting (a text, or 32 positions of an explanation); beyond it requests get 503 "
+        "(an empty queue takes any one request)"))
     max_batch_cost: float = Field(50_000, gt=0, description=(
         "most work in one batch, in characters (a gate trace counts 6×): keeps batches short, so a light "
         "request waits for at most one heavy batch"))

@@ -34,9 +34,13 @@ def test_prediction_endpoints_need_the_key(make_client, caplog: pytest.LogCaptur
         assert r.json()["error"]["code"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
         r = client.post("/v2/models/sentiment/infer", json=V2, headers=headers)
         assert r.status_code == 401 and set(r.json()) == {"error"}
-    # Refused before the body is read: a malformed body without a key is still a 401, not a 400.
+    # Refused before the body is read: a malformed body without a key is still a 401, not a 400,
+    # and so is a body over the size limit (the key is checked before the body limit reads it).
     r = client.post("/v1/predict", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 401
+    r = client.post("/v1/predict", content=b"x" * (client.app.state.settings.body_limit + 1),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
     good = {"Authorization": f"Bearer {KEY}"}
     assert client.post("/v1/predict", json=TEXTS, headers=good).status_code == 200
     assert client.post("/v1/predict", json=TEXTS, headers={"authorization": f"bearer  {KEY} "}).status_code == 200
@@ -44,7 +48,7 @@ def test_prediction_endpoints_need_the_key(make_client, caplog: pytest.LogCaptur
     for path in ("/health/live", "/health/ready", "/metrics", "/v1/model", "/v2/health/ready",
                  "/v2/models/sentiment", "/openapi.json", "/docs"):
         assert client.get(path).status_code == 200, path
-    assert 'sentiment_errors_total{kind="unauthorized"} 11.0' in client.get("/metrics").text
+    assert 'sentiment_errors_total{kind="unauthorized"} 12.0' in client.get("/metrics").text
     assert KEY not in caplog.text
 
 
@@ -64,6 +68,13 @@ def test_an_empty_or_missing_keys_file_fails_at_start(tmp_path: Path, tiny_artif
         create_app(Settings(artifacts_dir=tiny_artifacts, api_keys_file=empty))
     with pytest.raises(ValueError, match="SENTIMENT_API_KEYS_FILE"):
         Settings(artifacts_dir=tiny_artifacts, api_keys_file=tmp_path / "missing")
+
+
+def test_a_blank_key_fails_at_start_and_a_trailing_newline_is_ignored(make_client, tiny_artifacts: Path) -> None:
+    with pytest.raises(ValueError, match="blank"):
+        create_app(Settings(artifacts_dir=tiny_artifacts, api_key="  "))
+    client = make_client(api_key=KEY + "\n")  # a secret made from a file
+    assert client.post("/v1/predict", json=TEXTS, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 def test_the_key_is_secret_in_settings(tiny_artifacts: Path) -> None:

@@ -111,7 +111,8 @@ def test_an_explanation_costs_more_admission_than_a_plain_text(client: TestClien
     plain, explained = service.text_cost(review, False), service.text_cost(review, False, explain=True)
     # The tiny model reads at most 32 tokens: the explanation adds 32 copies of the text's work.
     assert explained == pytest.approx(plain * (1 + 32))
-    assert service.text_cost("good film", False, explain=True) < 3 * service.text_cost("good film", False)
+    # Two words: two variants and the text itself.
+    assert service.text_cost("good film", False, explain=True) == pytest.approx(3 * service.text_cost("good film", False))
 
 
 @pytest.mark.slow
@@ -151,3 +152,27 @@ def test_an_explanation_split_into_queue_items_equals_the_whole(make_client, mon
     monkeypatch.setattr(app.service, "EXPLAIN_CHUNK_TOKENS", 2)
     r = client_small.post("/v1/predict", json={"texts": ["the film was very good !"], "explain": "occlusion"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "explain_too_long"
+
+
+def test_an_explanation_with_more_items_than_the_queue_holds_is_served_when_idle(
+        make_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.service
+
+    client = make_client(max_queue=8, max_texts=8)
+    monkeypatch.setattr(app.service, "EXPLAIN_CHUNK_TOKENS", 2)  # 16 items per long text
+    r = client.post("/v1/predict", json={"texts": [TEXT] * 3, "explain": "occlusion"})
+    assert r.status_code == 200, r.text
+
+
+def test_one_letter_words_are_charged_as_words(client: TestClient) -> None:
+    service = client.app.state.service
+    hostile, prose = "a " * 30, "wonderful " * 6  # same characters, 30 vs 6 tokens (the tiny model reads 32)
+    assert service.text_cost(hostile, False, explain=True) > 2 * service.text_cost(prose, False, explain=True)
+
+
+def test_explained_requests_have_their_own_latency_label(client: TestClient) -> None:
+    explain(client, ["good film"])
+    client.post("/v1/predict", json={"texts": ["good film"]})
+    metrics = client.get("/metrics").text
+    assert 'sentiment_request_duration_seconds_count{route="/v1/predict (explain)",status="200"} 1.0' in metrics
+    assert 'sentiment_request_duration_seconds_count{route="/v1/predict",status="200"} 1.0' in metrics

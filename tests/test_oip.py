@@ -212,6 +212,40 @@ def test_other_protocol_errors(client: TestClient) -> None:
         assert f'sentiment_errors_total{{kind="{code}"}}' in metrics, code
 
 
+def test_hostile_bodies_and_headers_get_400s_not_500s(client: TestClient) -> None:
+    huge_int = b"1" * 5000
+    r = client.post(INFER, content=b'{"parameters": {"k": ' + huge_int + b'}, "inputs": []}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["x-error-code"] == "malformed_json"
+    r = client.post("/v1/predict", content=b'{"texts": ["good"], "x": ' + huge_int + b"}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+    body, headers = binary_request(["good film"])
+    for value in (b"\xb2", "9" * 5000, "-1", "1e3"):  # b"\xb2": "²", a digit to str.isdigit()
+        r = client.post(INFER, content=body, headers={**headers, "Inference-Header-Content-Length": value})
+        assert r.status_code == 400 and "byte count" in r.json()["error"], value
+    r = client.post(INFER, content=json.dumps(texts_tensor(["good"], id="\ud800")),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]
+    # More elements than the limit: 413 before any element is decoded.
+    many = {"inputs": [{"name": "text", "shape": [10_000], "datatype": "BYTES", "data": ["a"] * 10_000}]}
+    r = client.post(INFER, json=many)
+    assert r.status_code == 413 and r.headers["x-error-code"] == "too_many_texts"
+    # Bytes after the JSON header that no input claims.
+    header = json.dumps(texts_tensor(["good"])).encode()
+    r = client.post(INFER, content=header + b"junk",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 400 and "no input has binary_data_size" in r.json()["error"]
+
+
+def test_explicit_outputs_compute_only_what_is_returned(client: TestClient) -> None:
+    before = client.get("/metrics").text.count("sentiment_explained_texts_total 0.0")
+    body = client.post(INFER, json=texts_tensor(TEXTS, parameters={"explain": "occlusion", "trace": True},
+                                                outputs=[{"name": "probability"}])).json()
+    assert [o["name"] for o in body["outputs"]] == ["probability"]
+    assert "sentiment_explained_texts_total 0.0" in client.get("/metrics").text and before == 1
+
+
 def test_not_ready_is_false_with_a_4xx(make_client) -> None:
     import threading
 
@@ -230,6 +264,11 @@ def test_not_ready_is_false_with_a_4xx(make_client) -> None:
         r = client.post(INFER, json=texts_tensor(["good"]))
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         conforms(r.json(), "error")
+        # A versioned call cannot be checked yet: 503 (retry), not a permanent-looking 404.
+        r = client.post("/v2/models/sentiment/versions/tiny-test/infer", json=texts_tensor(["good"]))
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        r = client.get("/v2/models/sentiment/versions/tiny-test/ready")
+        assert r.status_code == 400 and r.json() == {"name": "sentiment", "ready": False}
     finally:
         release.set()
     wait_ready(client)
