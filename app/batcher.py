@@ -12,6 +12,8 @@ exception. Policy:
   queued, and heavy callers share the model in proportion to nothing but their turn.
 * A lone request at idle runs at once: the worker only lingers (up to ``max_wait_s``) for more
   items when the previous batch showed concurrent traffic (it had more than one item).
+* **Batches in flight**: up to ``max_in_flight`` batches run at once (one per model-worker process);
+  a new batch starts as soon as one of them is free, so each worker is fed while the others run.
 * **Admission by cost**: each item carries a cost (work, not a count); the queue is bounded in
   items and in cost, and a submission that does not fit is refused whole with
   :class:`QueueFullError`, so a request is never half-queued. :meth:`estimated_wait_s` predicts the
@@ -87,9 +89,11 @@ class MicroBatcher(Generic[T, R]):
         on_batch: BatchObserver | None = None,
         max_queue_cost: float = math.inf,
         max_batch_cost: float = math.inf,
+        max_in_flight: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or max_queue_cost <= 0 or max_batch_cost <= 0:
-            raise ValueError("max_batch_size, max_queue ≥ 1, max_wait_s ≥ 0 and costs > 0 are required")
+        if (max_batch_size < 1 or max_queue < 1 or max_in_flight < 1 or max_wait_s < 0 or max_queue_cost <= 0
+                or max_batch_cost <= 0):
+            raise ValueError("max_batch_size, max_queue, max_in_flight ≥ 1, max_wait_s ≥ 0 and costs > 0 are required")
         self._process = process
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -97,6 +101,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue = max_queue
         self.max_queue_cost = max_queue_cost
         self.max_batch_cost = max_batch_cost
+        self.max_in_flight = max_in_flight
         self._on_batch = on_batch
         # submission id → its items not yet taken; work served to it so far; who is next (least served).
         self._groups: dict[int, collections.deque[_Pending[T]]] = {}
@@ -109,8 +114,9 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task | None = None
         self._closing = False
         self._last_batch_size = 0
-        self.running_since: float | None = None  # time.monotonic() when the running batch started
-        self._running_cost = 0.0
+        # Running batches: id → (time.monotonic() at start, cost); their tasks.
+        self._running: dict[int, tuple[float, float]] = {}
+        self._batch_tasks: set[asyncio.Task] = set()
         self._rates: collections.deque[float] = collections.deque(maxlen=RATE_WINDOW)
 
     @property
@@ -134,26 +140,37 @@ class MicroBatcher(Generic[T, R]):
         return self._task
 
     @property
+    def running_since(self) -> float | None:
+        """``time.monotonic()`` when the oldest running batch started (None when none runs)."""
+        return min((since for since, _ in self._running.values()), default=None)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches running now."""
+        return len(self._running)
+
+    @property
     def cost_per_s(self) -> float | None:
-        """Best recent throughput of the process function, in cost units per second (None before a
-        batch of at least ``min(max_batch_size, RATE_MIN_ITEMS)`` items was measured)."""
-        return max(self._rates) if self._rates else None
+        """Best recent throughput, in cost units per second, of all ``max_in_flight`` batch slots
+        together (None before a batch of at least ``min(max_batch_size, RATE_MIN_ITEMS)`` items
+        was measured)."""
+        return max(self._rates) * self.max_in_flight if self._rates else None
 
     def estimated_wait_s(self, extra_cost: float = 0.0) -> float:
         """Predicted time until ``extra_cost`` more work would be done: what is queued plus the rest
-        of the running batch, at the measured throughput (0 before any batch was measured)."""
+        of the running batches, at the measured throughput (0 before any batch was measured)."""
         rate = self.cost_per_s
         if not rate:
             return 0.0
-        running_left = 0.0
-        if self.running_since is not None:
-            running_left = max(0.0, self._running_cost / rate - (time.monotonic() - self.running_since))
-        return running_left + (self._queued_cost + extra_cost) / rate
+        slot_rate = rate / self.max_in_flight
+        now = time.monotonic()
+        running_left = sum(max(0.0, cost - slot_rate * (now - since)) for since, cost in self._running.values())
+        return (running_left + self._queued_cost + extra_cost) / rate
 
     @property
     def idle(self) -> bool:
         """Nothing queued and nothing running."""
-        return self.running_since is None and not self._groups
+        return not self._running and not self._groups
 
     def start(self) -> None:
         """Start the worker task on the running loop."""
@@ -267,11 +284,14 @@ class MicroBatcher(Generic[T, R]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._groups:
-                if self._closing:
-                    return
+            if not self._groups and self._closing:
+                # Draining: what is queued has been handed out; wait for the batches still running.
+                while self._batch_tasks:
+                    await asyncio.wait(set(self._batch_tasks))
+                return
+            if not self._groups or len(self._running) >= self.max_in_flight:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._wakeup.wait()  # set by a submission, a finished batch, or stop()
                 continue
             batch: list[_Pending[T]] = []
             self._take(batch)
@@ -291,13 +311,22 @@ class MicroBatcher(Generic[T, R]):
             if not batch:
                 continue
             self._last_batch_size = len(batch)
-            await self._run_batch(loop, batch)
+            batch_id = next(self._ids)
+            self._running[batch_id] = (time.monotonic(), sum(p.cost for p in batch))
+            task = loop.create_task(self._run_batch(loop, batch_id, batch), name="micro-batch")
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_done)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batch_tasks.discard(task)
+        self._wakeup.set()  # a slot is free
+        if not task.cancelled() and task.exception() is not None:  # a bug in _run_batch itself
+            log.error("batch task failed", exc_info=task.exception())
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch_id: int, batch: list[_Pending[T]]) -> None:
         started = time.perf_counter()
         waits = [started - p.enqueued for p in batch]
-        self._running_cost = sum(p.cost for p in batch)
-        self.running_since = time.monotonic()
+        cost = self._running[batch_id][1]
         try:
             results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
             if len(results) != len(batch):
@@ -306,11 +335,11 @@ class MicroBatcher(Generic[T, R]):
             log.exception("batch of %d items failed", len(batch))
             results = [exc] * len(batch)
         finally:
-            self.running_since = None
+            del self._running[batch_id]
         elapsed = time.perf_counter() - started
-        full = len(batch) >= min(self.max_batch_size, RATE_MIN_ITEMS) or self._running_cost >= self.max_batch_cost
+        full = len(batch) >= min(self.max_batch_size, RATE_MIN_ITEMS) or cost >= self.max_batch_cost
         if elapsed > 0 and full:
-            self._rates.append(self._running_cost / elapsed)
+            self._rates.append(cost / elapsed)
         for p, result in zip(batch, results):
             if p.future.done():
                 continue

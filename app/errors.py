@@ -63,6 +63,8 @@ class Errors:
     NOT_READY_FAILED = ErrorKind(503, "not_ready_failed", "service is not ready: {detail}")
     NOT_READY_DRAINING = ErrorKind(503, "not_ready_draining", "service is not ready: {detail}", RETRY_AFTER_NOT_READY_S)
     NOT_READY_STUCK = ErrorKind(503, "not_ready_stuck", "service is not ready: {detail}", RETRY_AFTER_NOT_READY_S)
+    WORKER_RESTARTED = ErrorKind(503, "worker_restarted", "a model worker exited while scoring this request and is "
+                                 "being replaced; retry", RETRY_AFTER_NOT_READY_S)
     OVERLOADED = ErrorKind(503, "overloaded", "service is overloaded: {reason}; retry shortly", RETRY_AFTER_OVERLOADED_S)
     TIMEOUT = ErrorKind(504, "timeout", "no answer within {seconds:g}s; the service is overloaded or the request too large")
 

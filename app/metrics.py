@@ -61,6 +61,17 @@ class ServiceMetrics:
         for kind in Errors.all():  # every series exists from the start, at 0, so rate() sees the first error
             self.errors.labels(kind=kind.code)
         self.model_info = Info("sentiment_model", "The loaded model.", registry=r)
+        self.workers_ready = Gauge(
+            "sentiment_workers_ready", "Model-worker processes loaded, warm and serving (0: the model runs in "
+            "the server process).", registry=r)
+        self.worker_restarts = Counter(
+            "sentiment_worker_restarts", "Model-worker processes that exited and were replaced.", registry=r)
+        self.worker_memory = Gauge(
+            "sentiment_worker_resident_memory_bytes", "Resident memory of each model-worker process.", ["worker"],
+            registry=r)
+        self.resident_memory = Gauge(
+            "sentiment_resident_memory_bytes", "Resident memory of the server process and its model workers "
+            "together: what the container's memory limit sees.", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds …; python_info.
         ProcessCollector(registry=r)

@@ -118,6 +118,8 @@ async def model_info(request: Request) -> ModelInfo:
     return ModelInfo(
         version=engine.version,
         device=str(engine.device),
+        precision=engine.precision,
+        workers=service.workers.count if service.workers else 0,
         architecture=card.get("architecture", {}),
         vocab_size=len(engine.artifacts.vocab),
         # The truncation length in force is max_tokens below; the card's trained value is its ceiling.

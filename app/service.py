@@ -6,8 +6,10 @@ How one review flows to its probability:
       → SentimentService.predict   validate limits, one ScoreRequest per text (an explanation: one per
                                    32 token positions, merged back), admission by cost, wait with timeout
       → MicroBatcher.submit_many   queue; the worker gathers a batch from concurrent callers
-      → SentimentService.score_batch   on the model thread
-      → SentimentEngine.score      text → tokens → ids (sentiment.text), length-bucketed passes
+      → SentimentService.score_batch   on a batch thread; up to one batch in flight per model worker
+      → ModelWorkers.score         hands the batch to a free model-worker process (app.workers) …
+      → SentimentEngine.score      … which tokenises, text → tokens → ids (sentiment.text), and runs
+                                   length-bucketed passes (with SENTIMENT_WORKERS=0: in this process)
       → SentimentLSTM (TorchScript) (B, T) ids → (B,) last-token probability, (B, T) trace
       → back to each caller's future → routes.predict shapes the JSON response
 
@@ -37,8 +39,10 @@ from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
 from app.settings import Settings
 from app.tracing import RequestTimings, current_timings, record_batch
+from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, usable_cpus
 from sentiment import label_of
-from sentiment.engine import EmptyTextError, ExplainTooLongError, Score, ScoreRequest, SentimentEngine
+from sentiment.artifacts import resolve_device
+from sentiment.engine import EmptyTextError, ExplainTooLongError, Score, ScoreRequest, ScoredBatch, SentimentEngine
 
 log = logging.getLogger("app")
 
@@ -79,10 +83,15 @@ class SentimentService:
         self.detail: str | None = "model is loading"
         self.engine: SentimentEngine | None = None
         self.batcher: MicroBatcher[ScoreRequest, Score] | None = None
+        self._own_engine = engine_factory is None  # a test's factory cannot be rebuilt in a worker process
         self._engine_factory = engine_factory or self._load_engine
-        # One model thread: each batch is tokenised and run there, off the event loop; torch uses its
-        # own intra-op threads for the forward pass.
+        self.workers: ModelWorkers | None = None
+        # Loads the model; with SENTIMENT_WORKERS=0 it also runs every batch (tokenise + forward) off
+        # the event loop, torch using its own intra-op threads. With workers, batch threads (one per
+        # worker) each wait on a worker process instead.
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._batch_executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by ``python -m app``: stop the process
         # id(ScoreRequest) → its traced request's timings, while it waits (empty unless tracing is on).
         self._traced: dict[int, RequestTimings] = {}
@@ -90,27 +99,60 @@ class SentimentService:
         self.metrics.queue_cost.set_function(lambda: self.batcher.queued_cost if self.batcher else 0)
         self.metrics.estimated_wait.set_function(lambda: self.batcher.estimated_wait_s() if self.batcher else 0)
         self.metrics.ready.set_function(lambda: 1.0 if self.is_ready() else 0.0)
+        self.metrics.workers_ready.set_function(lambda: self.workers.ready if self.workers else 0)
+        self.metrics.resident_memory.set_function(self._resident_bytes)
 
     # ---- life cycle -------------------------------------------------------------------------
     @staticmethod
     def _load_engine(settings: Settings) -> SentimentEngine:
         return SentimentEngine.load(settings.artifacts_dir, settings.device, max_tokens=settings.max_tokens,
                                     max_explain_tokens=settings.max_explain_tokens,
-                                    max_batch_tokens=settings.max_batch_tokens)
+                                    max_batch_tokens=settings.max_batch_tokens, precision=settings.precision)
+
+    def worker_count(self) -> int:
+        """Model-worker processes to run: the setting, else one per usable core on CPU and none on
+        CUDA (one GPU wants big batches from one process, not several processes sharing it)."""
+        if not self._own_engine:
+            return 0
+        if self.settings.workers is not None:
+            return self.settings.workers
+        return usable_cpus() if resolve_device(self.settings.device).type == "cpu" else 0
 
     def _load_blocking(self) -> SentimentEngine:
+        """Load the model here (its card, vocabulary and limits answer /v1/model; with no workers it
+        also scores), then start and warm up the workers, all before readiness."""
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         started = time.perf_counter()
         engine = self._engine_factory(self.settings)
-        warm = engine.warm_up() if self.settings.warmup else 0.0
+        count = self.worker_count()
+        warm = engine.warm_up() if self.settings.warmup and count == 0 else 0.0
         log.info("model %s loaded on %s in %.2fs (warm-up %.2fs)", engine.version, engine.device,
                  time.perf_counter() - started, warm)
+        if count:
+            s = self.settings
+            config = WorkerConfig(str(s.artifacts_dir), s.device, s.precision, s.max_tokens, s.max_explain_tokens,
+                                  s.max_batch_tokens, s.warmup)
+            loop = self._loop
+            assert loop is not None
+            workers = ModelWorkers(config, count, on_restart=self.metrics.worker_restarts.inc,
+                                   on_fatal=lambda detail: loop.call_soon_threadsafe(self._fail, detail))
+            self.workers = workers  # before start(): a failed start still closes what it began
+            workers.start()
+            for i in range(count):
+                self.metrics.worker_memory.labels(worker=str(i)).set_function(
+                    lambda i=i: workers.resident_bytes().get(i, 0))
+            self._batch_executor = ThreadPoolExecutor(count, thread_name_prefix="batch")
         return engine
+
+    def _resident_bytes(self) -> float:
+        """This process's resident memory plus its workers'."""
+        own = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return own + (sum(self.workers.resident_bytes().values()) if self.workers else 0)
 
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching and report ready."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             engine = await loop.run_in_executor(self._model_executor, self._load_blocking)
         except Exception:
@@ -120,15 +162,17 @@ class SentimentService:
             return
         self.engine = engine
         self.batcher = MicroBatcher(
-            self.score_batch, self._model_executor,
+            self.score_batch, self._batch_executor or self._model_executor,
             max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000,
             max_queue=self.settings.max_queue, on_batch=self._observe_batch,
-            max_batch_cost=self.settings.max_batch_cost)
+            max_batch_cost=self.settings.max_batch_cost, max_in_flight=self.workers.count if self.workers else 1)
         self.batcher.start()
         assert self.batcher.task is not None
         self.batcher.task.add_done_callback(self._on_worker_exit)
         card = engine.artifacts.card
         self.metrics.model_info.info({"version": engine.version, "device": str(engine.device),
+                                      "precision": engine.precision,
+                                      "workers": str(self.workers.count if self.workers else 0),
                                       "vocab_size": str(len(engine.artifacts.vocab)),
                                       "test_accuracy": str(card.get("metrics", {}).get("test", {}).get("accuracy", ""))})
         if self.state is State.LOADING:
@@ -154,7 +198,11 @@ class SentimentService:
         return max(0.0, time.monotonic() - since - self.settings.stuck_batch_s)
 
     def is_ready(self) -> bool:
-        return self.state is State.READY and self.stuck_for_s() == 0
+        return self.state is State.READY and self.stuck_for_s() == 0 and self._workers_missing() == 0
+
+    def _workers_missing(self) -> int:
+        """Model workers not serving now (one that died is being replaced)."""
+        return self.workers.count - self.workers.ready if self.workers else 0
 
     def is_alive(self) -> bool:
         """False when only a restart can help: serving failed, or a batch has hung past the bound."""
@@ -168,6 +216,10 @@ class SentimentService:
             since = self.batcher.running_since if self.batcher else None
             running = time.monotonic() - since if since is not None else 0.0
             return False, "stuck", f"a batch has been running for {running:.0f}s"
+        if self.state is State.READY and (missing := self._workers_missing()):
+            assert self.workers is not None
+            return False, "restarting", (f"{missing} of {self.workers.count} model workers restarting "
+                                         "(requests are still served by the others)")
         return self.state is State.READY, self.state.value, self.detail
 
     def begin_draining(self) -> None:
@@ -182,7 +234,12 @@ class SentimentService:
         if self.batcher is not None:
             await self.batcher.stop(drain=True, timeout_s=self.settings.graceful_timeout_s)
         # A hung batch must not hold the process forever: do not wait for the model thread.
-        self._model_executor.shutdown(wait=self.stuck_for_s() == 0, cancel_futures=True)
+        stuck = self.stuck_for_s() > 0
+        self._model_executor.shutdown(wait=not stuck, cancel_futures=True)
+        if self.workers is not None:
+            self.workers.close()  # after the drain: every accepted text has its answer
+        if self._batch_executor is not None:
+            self._batch_executor.shutdown(wait=not stuck, cancel_futures=True)
         log.info("shutdown complete")
 
     def install_sigterm_hook(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -256,7 +313,7 @@ class SentimentService:
         """The batcher's processor, run on the model thread: one engine call per batch."""
         assert self.engine is not None
         started_ns = time.time_ns() if self._traced else 0
-        batch = self.engine.score(requests)
+        batch: ScoredBatch = self.workers.score(requests) if self.workers else self.engine.score(requests)
         self.metrics.tokenize_duration.observe(batch.tokenize_seconds)
         if started_ns:  # a traced request waits on this batch: its spans need the batch's times
             record_batch(self._traced, requests, started_ns, batch.tokenize_seconds, batch.forward_seconds)
@@ -396,6 +453,8 @@ class SentimentService:
             elif isinstance(outcome, ExplainTooLongError):
                 problems.append((Errors.EXPLAIN_TOO_LONG, i, f"{outcome} (SENTIMENT_MAX_EXPLAIN_TOKENS); "
                                  "explain a shorter text or ask without \"explain\""))
+            elif isinstance(outcome, WorkerDiedError):  # the batch's process died; a replacement is starting
+                raise ApiError(Errors.WORKER_RESTARTED)
             elif isinstance(outcome, BatcherClosedError):  # drain out of time, or the worker died
                 kind = Errors.NOT_READY_FAILED if self.state is State.FAILED else Errors.NOT_READY_DRAINING
                 raise ApiError(kind, detail=str(outcome))

@@ -26,7 +26,14 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Field(DEFAULT_ARTIFACTS, description="directory with model.pt, vocab.json, model_card.json")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     max_tokens: int | None = Field(None, ge=1, description="truncation length; default and ceiling: the model's")
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    torch_threads: int | None = Field(None, ge=1, description=(
+        "torch CPU threads of the model in the server process (workers = 0); each model worker uses 1"))
+    workers: int | None = Field(None, ge=0, description=(
+        "model-worker processes, each scoring whole batches on one core; default: one per usable core "
+        "(CPU affinity, capped by the cgroup CPU quota) on CPU, 0 on CUDA; 0 scores in the server process"))
+    precision: Literal["fp32", "bf16", "int8"] = Field("fp32", description=(
+        "forward-pass arithmetic: fp32 (exact, batch-invariant), bf16 (autocast) or int8 (dynamic "
+        "quantisation, CPU only); faster but not batch-invariant (README \"Precision\")"))
     warmup: bool = Field(True, description="run warm-up passes before reporting ready")
     # Batching
     max_batch_size: int = Field(64, ge=1, description="most texts in one batch (1 turns batching off)")

@@ -1,12 +1,14 @@
-"""Benchmark the service against itself (batching on/off) and against the offline ceiling.
+"""Benchmark the service against the offline ceiling of its own scoring path on every core.
 
-    python -m benchmarks.run --data ../shared/data/aclImdb_v1.tar.gz
+    python -m benchmarks.run --data ../shared/data/aclImdb_v1.tar.gz --soak-seconds 300
 
-In one run: reads real IMDB test reviews; measures the offline ceiling (the same texts tokenised and
-scored in-process in large batches, no HTTP); then, for each configuration, starts the service
-(``python -m app``), drives it with ``wrk`` (one review per request) at each concurrency level, and
-reads the observed batch sizes and per-phase times from ``/metrics``. Prints a table, writes
-``results.json`` and ``throughput.png`` to ``--out``, and checks the targets of issue 5.
+In one run: reads real IMDB test reviews; measures the **offline ceiling**: the same texts
+tokenised and scored through ``SentimentEngine.score`` (the service's path) in large batches, no
+HTTP, one process per usable core at one torch thread each, all at once; then, for each
+configuration, starts the service with its default serve command (``python -m app``), drives it
+with ``wrk`` (one review per request) at each concurrency level, and reads the observed batch sizes,
+per-phase times and resident memory (server + model workers) from ``/metrics``. Prints a table,
+writes ``results.json`` and ``throughput.png`` to ``--out``, and checks the targets of issue 15.
 Needs ``wrk`` (Debian package ``wrk``) and matplotlib for the plot.
 """
 
@@ -31,11 +33,15 @@ from app.process import ServiceProcess
 from sentiment.artifacts import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
+# TorchServe 0.12's best configuration on the shipped model, reviews/s by clients (issue 15, same load).
+TORCHSERVE = {32: 486, 64: 652}
 LUA = Path(__file__).resolve().parent / "wrk_post.lua"
 CONFIGS = {
-    "batching on": {},
+    "default": {},  # every usable core: one model worker per core, batching on
     "batching off": {"SENTIMENT_MAX_BATCH_SIZE": "1"},
+    "one process": {"SENTIMENT_WORKERS": "0"},  # the model in the server process (the old default)
 }
+DEFAULT_CONFIGS = ["default", "batching off"]
 
 
 def load_reviews(source: str, n: int, seed: int) -> list[str]:
@@ -46,13 +52,16 @@ def load_reviews(source: str, n: int, seed: int) -> list[str]:
     return [r.text for r in reviews[:n]]
 
 
-def offline_ceiling(artifacts: Path, texts: list[str], batch_size: int, repeats: int = 2) -> dict[str, float]:
-    """Score ``texts`` in-process through the engine's one entry (the service's own scoring path),
-    ``batch_size`` at a time, no HTTP: the best the model can do here."""
+def _ceiling_worker(artifacts: str, texts: list[str], batch_size: int, repeats: int, start: Any) -> dict[str, float]:
+    """One core's share of the offline ceiling: load, warm up, wait for the others, then score."""
+    import torch
+
     from sentiment.engine import ScoreRequest, SentimentEngine
 
-    engine = SentimentEngine.load(artifacts, "auto")
+    torch.set_num_threads(1)
+    engine = SentimentEngine.load(artifacts, "cpu")
     engine.warm_up()
+    start.wait()
     best: dict[str, float] = {}
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -63,10 +72,31 @@ def offline_ceiling(artifacts: Path, texts: list[str], batch_size: int, repeats:
             forward += batch.forward_seconds
         total = time.perf_counter() - t0
         if not best or total < best["seconds"]:
-            best = {"seconds": total, "reviews_per_s": len(texts) / total,
-                    "tokenize_ms_per_review": 1000 * tokenize / len(texts),
-                    "forward_ms_per_review": 1000 * forward / len(texts)}
+            best = {"seconds": total, "tokenize_seconds": tokenize, "forward_seconds": forward}
     return best
+
+
+def offline_ceiling(artifacts: Path, texts: list[str], batch_size: int, processes: int,
+                    repeats: int = 2) -> dict[str, float]:
+    """Score ``texts`` through the engine's one entry (the service's own scoring path), ``batch_size``
+    at a time, no HTTP, split over ``processes`` processes at one torch thread each, started
+    together: the best the model can do on these cores. Each process scores the whole list, so the
+    ceiling is processes × texts ÷ the slowest process's time."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = mp.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+        start = manager.Barrier(processes)
+        parts = [pool.submit(_ceiling_worker, str(artifacts), texts, batch_size, repeats, start)
+                 for _ in range(processes)]
+        runs = [f.result() for f in parts]
+    slowest = max(r["seconds"] for r in runs)
+    scored = processes * len(texts)
+    return {"processes": processes, "seconds": slowest, "reviews_per_s": scored / slowest,
+            "per_process_reviews_per_s": [len(texts) / r["seconds"] for r in runs],
+            "tokenize_ms_per_review": 1000 * sum(r["tokenize_seconds"] for r in runs) / scored,
+            "forward_ms_per_review": 1000 * sum(r["forward_seconds"] for r in runs) / scored}
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -97,11 +127,9 @@ def batch_histogram(before: dict[str, float], after: dict[str, float]) -> dict[s
     return {k: v for k, v in hist.items() if v}
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mb(metrics: dict[str, float]) -> float:
+    """Resident memory of the server and its model workers together, from its /metrics."""
+    return metrics.get("sentiment_resident_memory_bytes", float("nan")) / 2**20
 
 
 class Server(ServiceProcess):
@@ -143,9 +171,11 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
         "p50_ms": w["p50_us"] / 1000, "p95_ms": w["p95_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
         "non_2xx": w["non_2xx"], "socket_errors": w["socket_errors"],
         "mean_batch_size": texts / batches if batches else 0.0,
+        "rss_mb": rss_mb(after),
         "batch_size_histogram": batch_histogram(before, after),
         # Where a request's time goes (means, from the service's own histograms). Tokenising and the
-        # forward pass both happen once per batch on the model thread; a request waits for its whole batch.
+        # forward pass both happen once per batch, in a model worker; "batch_forward" includes the
+        # hand-over to the worker and back. A request waits for its whole batch.
         "phase_ms": {
             "server_total": mean_ms(req_key.format("sum"), n_req),
             "queue_wait": mean_ms("sentiment_queue_wait_seconds_sum", metric_delta(
@@ -188,23 +218,27 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def check_targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
-    on = {r["concurrency"]: r for r in results["service"]["batching on"]}
-    off = {r["concurrency"]: r for r in results["service"]["batching off"]}
+    """Issue 15's targets, from this run's figures."""
+    on = {r["concurrency"]: r for r in results["service"].get("default", [])}
+    off = {r["concurrency"]: r for r in results["service"].get("batching off", [])}
     ceiling = results["offline_ceiling"]["reviews_per_s"]
     checks = []
-    if 32 in on and 32 in off:
-        ratio = on[32]["reviews_per_s"] / off[32]["reviews_per_s"]
-        checks.append(("throughput on/off at 32 clients", ratio, ">= 5", ratio >= 5))
-    if 1 in on and 1 in off:
-        ratio = on[1]["p50_ms"] / off[1]["p50_ms"]
-        checks.append(("p50 on/off at 1 client", ratio, "<= 1.2", ratio <= 1.2))
     if 64 in on:
         ratio = on[64]["reviews_per_s"] / ceiling
-        checks.append(("throughput on at 64 / offline ceiling", ratio, ">= 0.8", ratio >= 0.8))
+        checks.append(("default at 64 clients / all-core offline ceiling", ratio, ">= 0.9", ratio >= 0.9))
+        ratio = on[64]["p99_ms"] / on[64]["p50_ms"]
+        checks.append(("default at 64 clients: p99 / p50", ratio, "<= 1.6", ratio <= 1.6))
+    if 1 in on and 1 in off:
+        ratio = on[1]["p50_ms"] / off[1]["p50_ms"]
+        checks.append(("lone client p50: default / batching off", ratio, "<= 1.2", ratio <= 1.2))
+    for clients, torchserve in TORCHSERVE.items():
+        if clients in on:
+            ratio = on[clients]["reviews_per_s"] / torchserve
+            checks.append((f"default at {clients} clients / TorchServe's {torchserve}", ratio, ">= 1.5", ratio >= 1.5))
     soak = results.get("soak")
     if soak:
-        growth = soak["rss_end_mb"] / soak["rss_start_mb"]
-        checks.append(("RSS end/start over the soak", growth, "<= 1.1", growth <= 1.1))
+        growth = soak["rss_end_mb"] / soak["rss_mid_mb"]
+        checks.append(("RSS over the soak's second half (end / middle)", growth, "<= 1.05", growth <= 1.05))
     return checks
 
 
@@ -217,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=15, help="load time per concurrency level")
     p.add_argument("--warmup-seconds", type=float, default=3, help="unmeasured load before each configuration")
     p.add_argument("--offline-batch", type=int, default=256, help="batch size of the offline ceiling")
-    p.add_argument("--soak-seconds", type=float, default=0, help="memory soak at 32 clients (0: skip)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="service configurations to measure")
+    p.add_argument("--soak-seconds", type=float, default=0, help="memory soak of the default at 64 clients (0: skip)")
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
+                   help="service configurations to measure")
+    p.add_argument("--processes", type=int, default=None, help="offline-ceiling processes (default: usable cores)")
     p.add_argument("--port", type=int, default=8765, help="port of the service under test")
     p.add_argument("--seed", type=int, default=0, help="which test reviews are sampled")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where results.json and the plot go")
@@ -242,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"offline ceiling: {len(texts)} reviews in batches of {args.offline_batch} …", flush=True)
-    results["offline_ceiling"] = offline_ceiling(Path(args.artifacts), texts, args.offline_batch)
+    from app.workers import usable_cpus
+
+    processes = args.processes or usable_cpus()
+    print(f"offline ceiling: {len(texts)} reviews in batches of {args.offline_batch}, {processes} processes …", flush=True)
+    results["offline_ceiling"] = offline_ceiling(Path(args.artifacts), texts, args.offline_batch, processes)
     print(f"  {results['offline_ceiling']['reviews_per_s']:.0f} reviews/s", flush=True)
 
     results["service"] = {}
@@ -259,26 +298,32 @@ def main(argv: list[str] | None = None) -> int:
                       f"p99 {row['p99_ms']:7.1f} ms  batch {row['mean_batch_size']:5.1f}  non-2xx {row['non_2xx']}",
                       flush=True)
             results["service"][name] = rows
-            if name == "batching on" and args.soak_seconds > 0:
-                start_rss = rss_mb(server.proc.pid)
-                soak = run_wrk(server.base, bodies, 32, args.soak_seconds)
-                results["soak"] = {"seconds": args.soak_seconds, "concurrency": 32, "rss_start_mb": start_rss,
-                                   "rss_end_mb": rss_mb(server.proc.pid), "requests": soak["requests"],
-                                   "non_2xx": soak["non_2xx"]}
-                print(f"soak: RSS {start_rss:.0f} MB → {results['soak']['rss_end_mb']:.0f} MB over "
-                      f"{args.soak_seconds:.0f}s ({soak['requests']} requests)", flush=True)
+            if name == "default" and args.soak_seconds > 0:
+                # Two halves: growth over the second half is what "flat" means once caches are warm.
+                start_rss = rss_mb(server.metrics())
+                first = run_wrk(server.base, bodies, 64, args.soak_seconds / 2)
+                mid_rss = rss_mb(server.metrics())
+                second = run_wrk(server.base, bodies, 64, args.soak_seconds / 2)
+                results["soak"] = {"seconds": args.soak_seconds, "concurrency": 64, "rss_start_mb": start_rss,
+                                   "rss_mid_mb": mid_rss, "rss_end_mb": rss_mb(server.metrics()),
+                                   "requests": first["requests"] + second["requests"],
+                                   "non_2xx": first["non_2xx"] + second["non_2xx"]}
+                print(f"soak: RSS (server + workers) {start_rss:.0f} → {mid_rss:.0f} → "
+                      f"{results['soak']['rss_end_mb']:.0f} MB over {args.soak_seconds:.0f}s "
+                      f"({results['soak']['requests']} requests)", flush=True)
         finally:
             server.stop()
 
     print()
-    print(f"| config | clients | reviews/s | × ceiling | p50 ms | p95 ms | p99 ms | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | clients | reviews/s | × ceiling | p50 ms | p95 ms | p99 ms | p99/p50 | mean batch | RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ceiling = results["offline_ceiling"]["reviews_per_s"]
     for name, rows in results["service"].items():
         for r in rows:
             print(f"| {name} | {r['concurrency']} | {r['reviews_per_s']:.1f} | {r['reviews_per_s'] / ceiling:.2f} | "
-                  f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} |")
-    print(f"| offline ceiling | – | {ceiling:.1f} | 1.00 | – | – | – | {args.offline_batch} |")
+                  f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | "
+                  f"{r['mean_batch_size']:.1f} | {r['rss_mb']:.0f} |")
+    print(f"| offline ceiling ({processes} processes) | – | {ceiling:.1f} | 1.00 | – | – | – | – | {args.offline_batch} | – |")
     print()
     print("Where a request's time goes (server-side means per request, ms):")
     print("| config | clients | total | queue wait | batch tokenise | batch forward | HTTP + serialisation |")

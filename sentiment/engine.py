@@ -7,8 +7,10 @@ No asyncio and no HTTP here: the service's batcher calls ``score`` from its mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -17,7 +19,7 @@ import torch
 
 from sentiment.artifacts import Artifacts, load_artifacts
 from sentiment.batching import length_buckets
-from sentiment.model import gate_trace, pad_batch
+from sentiment.model import ModelConfig, SentimentLSTM, gate_trace, pad_batch
 from sentiment.text import EncodedText, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ R = TypeVar("R")
 # model, batches of 64 went from 2.51 to 1.46 ms/review.
 PASS_LENGTH_RATIO = 1.5
 MIN_PASS_ROWS = 4
+# Arithmetic of the forward pass. fp32 is exact and batch-invariant; the others trade that for speed
+# (README "Precision": accuracy, speed-up and invariance bound of each, measured).
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class EmptyTextError(ValueError):
@@ -41,6 +46,9 @@ class ExplainTooLongError(ValueError):
     def __init__(self, tokens: int, limit: int) -> None:
         super().__init__(f"{tokens} tokens to explain; the limit is {limit} per text")
         self.tokens, self.limit = tokens, limit
+
+    def __reduce__(self) -> tuple[Any, tuple[int, int]]:  # crosses the pipe from a model worker
+        return ExplainTooLongError, (self.tokens, self.limit)
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,11 @@ class SentimentEngine:
     """Holds the model, the vocabulary and the text encoder. Not thread-safe: one caller at a time."""
 
     def __init__(self, artifacts: Artifacts, max_tokens: int | None = None, max_batch_tokens: int = 16_384,
-                 max_explain_tokens: int | None = None) -> None:
+                 max_explain_tokens: int | None = None, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.artifacts = artifacts
+        self.precision = precision
         self.encoder = TextEncoder(artifacts.vocab)
         self.max_tokens = artifacts.vocab.settings.token_limit(max_tokens)
         self.max_batch_tokens = max_batch_tokens
@@ -125,6 +136,28 @@ class SentimentEngine:
         self._weights = {k: v.detach() for k, v in artifacts.model.state_dict().items()}  # for gate traces
         # P(positive) with nothing read: the head on a zero hidden state. The "without" of a one-token text.
         self.empty_probability = float(torch.sigmoid(self._weights["head.bias"].float()).reshape(-1)[0])
+        self.model = self._model_for(precision)
+
+    def _model_for(self, precision: str) -> Any:
+        """The module that runs forward passes: the TorchScript model, or for int8 its eager twin with
+        dynamically quantised LSTM and head (int8 weights; activations quantised per batch)."""
+        if precision != "int8":
+            return self.artifacts.model
+        if self.device.type != "cpu":
+            raise ValueError("int8 precision runs on CPU only; use fp32 or bf16 on CUDA")
+        config = ModelConfig(**self.artifacts.card["architecture"]["config"])
+        eager = SentimentLSTM(config)
+        eager.load_state_dict({k: v.float().cpu() for k, v in self._weights.items()})
+        eager.eval()
+        with warnings.catch_warnings():  # torch.ao's notice that this API moves to torchao
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(eager, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
+
+    def _arithmetic(self) -> Any:
+        """bf16: autocast around the pass (matrix products in bfloat16, fp32 elsewhere)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", **kwargs: Any) -> "SentimentEngine":
@@ -222,7 +255,8 @@ class SentimentEngine:
                                 max_length_ratio=PASS_LENGTH_RATIO, min_rows=MIN_PASS_ROWS)
         for chunk in passes:
             ids, lens = pad_batch([rows[i] for i in chunk])  # (B, T), (B,)
-            chunk_last, chunk_steps = self.artifacts.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
+            with self._arithmetic():
+                chunk_last, chunk_steps = self.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
             self.forward_passes += 1
             steps_cpu = chunk_steps.float().cpu() if any(wants_steps[i] for i in chunk) else None  # (B, T)
             for row, (i, p) in enumerate(zip(chunk, chunk_last.float().cpu().tolist())):

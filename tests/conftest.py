@@ -96,6 +96,7 @@ def make_client(tiny_artifacts: Path):
     clients = []
 
     def make(engine_factory=None, wait: bool = True, **overrides) -> TestClient:
+        overrides.setdefault("workers", 0)  # in-process model: fast to start (tests/test_workers.py covers workers)
         settings = Settings(artifacts_dir=overrides.pop("artifacts_dir", tiny_artifacts), **overrides)
         client = TestClient(create_app(settings, engine_factory))
         client.__enter__()

@@ -204,3 +204,40 @@ async def test_the_drain_is_bounded_when_a_batch_hangs(executor) -> None:
     assert isinstance((await queued)[0], BatcherClosedError)
     rec.gate.set()
     await hung
+
+
+async def test_batches_run_side_by_side_up_to_max_in_flight_and_stop_waits_for_them() -> None:
+    """With two model workers, two batches run at once (a barrier only two concurrent batches can
+    pass), never a third, and a draining stop waits for both."""
+    barrier = threading.Barrier(2, timeout=5)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def process(items: list[int]) -> list[int]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            barrier.wait()  # raises BrokenBarrierError after 5 s if the other batch never comes
+            time.sleep(0.05)
+        finally:
+            with lock:
+                running[0] -= 1
+        return [x * 2 for x in items]
+
+    with ThreadPoolExecutor(3) as ex:
+        batcher = MicroBatcher(process, ex, max_batch_size=2, max_wait_s=0, max_queue=100, max_in_flight=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit_many([1, 2]))
+        second = asyncio.ensure_future(batcher.submit_many([3, 4]))
+        await asyncio.sleep(0.02)
+        assert batcher.in_flight == 2 and batcher.running_since is not None
+        await batcher.stop(drain=True)
+        assert first.result() == [2, 4] and second.result() == [6, 8]
+        assert most[0] == 2 and batcher.in_flight == 0 and batcher.idle
+        # Four batches' worth at once: still never more than two running.
+        batcher = MicroBatcher(process, ex, max_batch_size=1, max_wait_s=0, max_queue=100, max_in_flight=2)
+        batcher.start()
+        assert await asyncio.gather(*(batcher.submit_many([i]) for i in range(4))) == [[0], [2], [4], [6]]
+        assert most[0] == 2
+        await batcher.stop()

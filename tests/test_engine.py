@@ -63,3 +63,26 @@ def test_a_text_the_tokenizer_cannot_take_fails_alone(tiny_artifacts) -> None:
     for i in (0, 2):
         alone = engine.score([ScoreRequest(texts[i])]).results[0]
         assert batch.results[i].probability == pytest.approx(alone.probability, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision, bound", [("bf16", 0.05), ("int8", 0.05)])
+def test_cheaper_precisions_stay_close_to_fp32(tiny_artifacts, precision: str, bound: float) -> None:
+    texts = ["good", "the movie was awful !", "a great film , the film was good . " * 4]
+    exact = SentimentEngine.load(tiny_artifacts, "cpu").score([ScoreRequest(t, trace=True) for t in texts]).results
+    cheap_engine = SentimentEngine.load(tiny_artifacts, "cpu", precision=precision)
+    assert cheap_engine.precision == precision
+    cheap = cheap_engine.score([ScoreRequest(t, trace=True) for t in texts]).results
+    for e, c in zip(exact, cheap):
+        assert abs(e.probability - c.probability) <= bound
+        assert len(c.trace) == e.num_tokens and max(abs(a - b) for a, b in zip(e.trace, c.trace)) <= bound
+        assert c.trace[-1] == pytest.approx(c.probability, abs=1e-6)
+
+
+def test_unknown_precision_is_refused(tiny_artifacts) -> None:
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
+        SentimentEngine.load(tiny_artifacts, "cpu", precision="fp8")
+
+
+def test_model_endpoint_reports_precision_and_workers(make_client) -> None:
+    info = make_client(precision="bf16").get("/v1/model").json()
+    assert info["precision"] == "bf16" and info["workers"] == 0

@@ -308,7 +308,7 @@ def test_dashboard_has_the_panels_operators_need() -> None:
                                  "sentiment_queue_wait_seconds_bucket"},
         "tokenise vs forward": {"sentiment_tokenize_duration_seconds_sum", "sentiment_batch_duration_seconds_sum"},
         "errors by kind": {"sentiment_errors_total"},
-        "memory": {"process_resident_memory_bytes"},
+        "memory": {"sentiment_resident_memory_bytes"},
         "readiness": {"sentiment_ready", "up"},
         "prediction distribution": {"sentiment_predictions_total", "sentiment_prediction_probability_bucket"},
     }

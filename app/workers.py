@@ -1,0 +1,267 @@
+"""Model-worker processes: one engine per core, each fed whole batches by the service's one batcher.
+
+Why processes: tokenising is pure Python (the GIL serialises it), and on CPU one LSTM pass per core
+at one torch thread beats one pass spread over all cores (measured; README "Serving on every
+core"). So the front process keeps HTTP, the batcher, metrics and readiness, and each worker process
+holds its own :class:`~sentiment.engine.SentimentEngine` and runs ``engine.score`` (tokenise +
+forward) on the batches it is given. The same engine code runs in every worker, so a text's result
+does not depend on which worker or batch scored it.
+
+A worker that dies is replaced at once; the batch it held fails with :class:`WorkerDiedError`
+(its texts get a 503 that says to retry), and readiness is false until the replacement is warm.
+Workers ignore SIGINT and SIGTERM: the front drains first, then tells them to exit, so a signal to
+the whole process group (Ctrl-C, ``kill -- -pgid``) cannot cut a batch short. A worker whose front
+disappears reads end-of-file and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sentiment.engine import ScoredBatch, ScoreRequest
+
+log = logging.getLogger("app.workers")
+START_TIMEOUT_S = 300.0  # load + warm-up of one worker; a slow disk or a cold page cache can take a while
+
+
+class WorkerDiedError(RuntimeError):
+    """The model-worker process running this batch exited; its texts can be retried."""
+
+
+class WorkerStartError(RuntimeError):
+    """A model-worker process could not load or warm up the model."""
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup CPU quota (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), or None."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity, capped by the cgroup quota (rounded down,
+    at least 1: a 1.5-CPU quota throttles a second busy process)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, math.floor(limit))
+    return max(1, cpus)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker needs to build its engine (plain values: it crosses a process boundary)."""
+
+    artifacts_dir: str
+    device: str
+    precision: str
+    max_tokens: int | None
+    max_explain_tokens: int | None
+    max_batch_tokens: int
+    warmup: bool
+
+
+def _serve(conn: Connection, config: WorkerConfig) -> None:
+    """A worker's life: load, warm up, say ready; then score each batch received until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker: the workers together use them all
+    from sentiment.engine import SentimentEngine
+
+    try:
+        engine = SentimentEngine.load(config.artifacts_dir, config.device, precision=config.precision,
+                                      max_tokens=config.max_tokens, max_explain_tokens=config.max_explain_tokens,
+                                      max_batch_tokens=config.max_batch_tokens)
+        if config.warmup:
+            engine.warm_up()
+    except Exception as exc:  # the front logs it and fails start-up
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            requests = conn.recv()
+        except (EOFError, OSError):  # the front is gone
+            return
+        if requests is None:
+            return
+        conn.send(_picklable(engine.score(requests)))
+
+
+def _picklable(batch: ScoredBatch) -> ScoredBatch:
+    """Replace per-text exceptions that cannot cross the pipe (some library errors cannot be
+    pickled) by a RuntimeError naming their type: the front maps either to the same 500."""
+    for i in batch.errors:
+        try:
+            pickle.loads(pickle.dumps(batch.results[i]))
+        except Exception:
+            batch.results[i] = RuntimeError(type(batch.results[i]).__name__)
+    return batch
+
+
+class _Worker:
+    def __init__(self, index: int, process: Any, conn: Connection) -> None:
+        self.index, self.process, self.conn = index, process, conn
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+
+class ModelWorkers:
+    """``count`` model-worker processes and the blocking :meth:`score` the batcher calls (from up to
+    ``count`` threads at once; each call takes a free worker for one batch)."""
+
+    def __init__(self, config: WorkerConfig, count: int,
+                 on_restart: Callable[[], None] | None = None, on_fatal: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.count = count
+        self.restarts = 0
+        self._on_restart = on_restart
+        self._on_fatal = on_fatal
+        self._context = mp.get_context("spawn")  # no fork of a process that holds threads and an event loop
+        self._workers: dict[int, _Worker] = {}  # index → its live, ready worker
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def ready(self) -> int:
+        """Workers loaded, warm and serving."""
+        return len(self._workers)
+
+    def start(self) -> None:
+        """Start every worker and wait until all are ready (raises :class:`WorkerStartError`)."""
+        pending = [self._spawn(i) for i in range(self.count)]  # they load in parallel
+        try:
+            for worker in pending:
+                self._await_ready(worker)
+        except BaseException:
+            for worker in pending:
+                worker.process.kill()
+            raise
+        for worker in pending:
+            self._workers[worker.index] = worker
+            self._idle.put(worker)
+        log.info("%d model workers ready (pids %s)", self.count, ", ".join(str(w.pid) for w in pending))
+
+    def _spawn(self, index: int) -> _Worker:
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(target=_serve, args=(theirs, self.config), name=f"model-worker-{index}",
+                                        daemon=True)
+        process.start()
+        theirs.close()
+        return _Worker(index, process, ours)
+
+    def _await_ready(self, worker: _Worker) -> None:
+        try:
+            if not worker.conn.poll(START_TIMEOUT_S):
+                raise WorkerStartError(f"model worker {worker.index} was not ready within {START_TIMEOUT_S:.0f}s")
+            status, detail = worker.conn.recv()
+        except (EOFError, OSError):
+            status, detail = "failed", f"exited with code {worker.process.exitcode}"
+        if status != "ready":
+            worker.process.kill()
+            raise WorkerStartError(f"model worker {worker.index} failed to start: {detail}")
+
+    def score(self, requests: list[ScoreRequest]) -> ScoredBatch:
+        """Score one batch on a free worker (blocks until one is free)."""
+        worker = self._idle.get()
+        try:
+            worker.conn.send(requests)
+            batch = worker.conn.recv()
+        except (EOFError, OSError) as exc:
+            self._replace(worker)
+            raise WorkerDiedError(f"model worker {worker.index} exited while scoring") from exc
+        self._idle.put(worker)
+        return batch
+
+    def _replace(self, dead: _Worker) -> None:
+        """Forget a dead worker and start its replacement in the background (ready once warm)."""
+        with self._lock:
+            self._workers.pop(dead.index, None)
+            if self._closed:
+                return
+        dead.process.join(timeout=5)
+        log.error("model worker %d (pid %s) exited with code %s; starting a replacement",
+                  dead.index, dead.pid, dead.process.exitcode)
+        self.restarts += 1
+        if self._on_restart is not None:
+            self._on_restart()
+        threading.Thread(target=self._restart, args=(dead.index,), name=f"restart-worker-{dead.index}",
+                         daemon=True).start()
+
+    def _restart(self, index: int) -> None:
+        try:
+            worker = self._spawn(index)
+            self._await_ready(worker)
+        except Exception as exc:  # e.g. the artifacts vanished: nothing here can heal that
+            log.critical("could not replace model worker %d: %s", index, exc)
+            if self._on_fatal is not None:
+                self._on_fatal(f"a model worker could not be restarted: {exc}")
+            return
+        with self._lock:
+            if self._closed:
+                worker.conn.send(None)
+                return
+            self._workers[index] = worker
+        self._idle.put(worker)
+        log.info("model worker %d replaced (pid %s)", index, worker.pid)
+
+    def resident_bytes(self) -> dict[int, int]:
+        """Resident memory of each live worker (index → bytes), from /proc."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        out = {}
+        for index, worker in list(self._workers.items()):
+            try:
+                out[index] = int(Path(f"/proc/{worker.pid}/statm").read_text().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                pass
+        return out
+
+    def pids(self) -> Sequence[int]:
+        return [w.pid for w in self._workers.values() if w.pid is not None]
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Tell every worker to exit (after the batcher has drained); kill those that do not."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for worker in workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():  # a hung batch: the process cannot be asked nicely
+                worker.process.kill()
+                worker.process.join(1)

@@ -1,0 +1,166 @@
+"""Serving on every core: model-worker processes behind the one front (issue 15).
+
+Real processes throughout: a real ``python -m app`` with workers, or a real worker pool, killed with
+real signals.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.process import ServiceProcess
+from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, cgroup_cpu_limit, usable_cpus
+from sentiment.engine import ScoreRequest, SentimentEngine
+
+TEXTS = ["good", "a great film", "the movie was awful !", "bad bad bad , the film was awful",
+         "good movie . " * 9, "a film , the movie , a great , " * 3]
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The model-worker processes of a server (its spawned children, not the resource tracker)."""
+    pids = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                pids.append(int(child))
+    return sorted(pids)
+
+
+def metric(base: str, name: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(v2) is None
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(v2) == 1.5
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cgroup_cpu_limit(v1) == 3.0
+
+
+def test_usable_cpus_is_affinity_capped_by_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("app.workers.cgroup_cpu_limit", lambda: None)
+    assert usable_cpus() == 4
+    monkeypatch.setattr("app.workers.cgroup_cpu_limit", lambda: 2.5)
+    assert usable_cpus() == 2  # a half core cannot carry a third busy process
+    monkeypatch.setattr("app.workers.cgroup_cpu_limit", lambda: 0.5)
+    assert usable_cpus() == 1
+
+
+def test_a_dead_worker_fails_only_its_batch_and_is_replaced(tiny_artifacts: Path) -> None:
+    config = WorkerConfig(str(tiny_artifacts), "cpu", "fp32", None, None, 16_384, True)
+    restarts = []
+    pool = ModelWorkers(config, 1, on_restart=lambda: restarts.append(1))
+    pool.start()
+    try:
+        assert pool.ready == 1
+        first = pool.score([ScoreRequest("good")]).results[0]
+        (pid,) = pool.pids()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError):
+            pool.score([ScoreRequest("good")])
+        assert restarts == [1]
+        again = pool.score([ScoreRequest("good")]).results[0]  # waits for the replacement
+        assert pool.pids() != [pid] and pool.ready == 1
+        assert again.probability == first.probability
+    finally:
+        pool.close()
+    assert pool.ready == 0
+
+
+def test_workers_score_exactly_like_the_engine_in_process(tiny_artifacts: Path) -> None:
+    engine = SentimentEngine.load(tiny_artifacts, "cpu")
+    expected = {t: engine.score([ScoreRequest(t)]).results[0].probability for t in TEXTS}
+    with ServiceProcess(tiny_artifacts, {"SENTIMENT_WORKERS": "2"}) as server:
+        base = server.base_url
+        assert len(worker_pids(server.proc.pid)) == 2
+        info = httpx.get(base + "/v1/model").json()
+        assert info["workers"] == 2 and info["precision"] == "fp32"
+        # Many concurrent requests, alone and mixed with longer texts, land on both workers.
+        bodies = [{"texts": [t]} for t in TEXTS] * 8 + [{"texts": TEXTS}] * 8
+
+        def post(body: dict) -> dict:
+            r = httpx.post(base + "/v1/predict", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            for body, answer in zip(bodies, pool.map(post, bodies)):
+                for text, pred in zip(body["texts"], answer["predictions"]):
+                    assert abs(pred["probability"] - expected[text]) <= 1e-5
+        assert metric(base, "sentiment_workers_ready") == 2
+        memory = [metric(base, f'sentiment_worker_resident_memory_bytes{{worker="{i}"}}') for i in (0, 1)]
+        assert all(m > 10e6 for m in memory)
+        assert metric(base, "sentiment_resident_memory_bytes") > sum(memory)
+
+
+def test_a_killed_worker_is_replaced_and_readiness_says_so(tiny_artifacts: Path) -> None:
+    with ServiceProcess(tiny_artifacts, {"SENTIMENT_WORKERS": "2"}) as server:
+        base = server.base_url
+        before = worker_pids(server.proc.pid)
+        os.kill(before[0], signal.SIGKILL)
+        # The front notices at the next batch that worker's thread hands it; send until it has.
+        deadline = time.monotonic() + 60
+        seen_unready = False
+        while metric(base, "sentiment_worker_restarts_total") < 1:
+            r = httpx.post(base + "/v1/predict", json={"texts": ["good"]}, timeout=30)
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "worker_restarted" and r.headers["Retry-After"]
+            ready = httpx.get(base + "/health/ready")
+            if ready.status_code == 503:
+                seen_unready = True
+                assert ready.json()["status"] == "restarting"
+            assert time.monotonic() < deadline, "the dead worker was never noticed"
+        while httpx.get(base + "/health/ready").status_code != 200:
+            seen_unready = True
+            assert time.monotonic() < deadline, "the replacement never became ready"
+            time.sleep(0.05)
+        after = worker_pids(server.proc.pid)
+        assert len(after) == 2 and before[0] not in after
+        assert seen_unready or metric(base, "sentiment_workers_ready") == 2
+        for _ in range(8):  # both workers serve again
+            assert httpx.post(base + "/v1/predict", json={"texts": ["good"]}).status_code == 200
+
+
+def test_sigterm_drains_every_worker(tiny_artifacts: Path) -> None:
+    server = ServiceProcess(tiny_artifacts, {"SENTIMENT_WORKERS": "2", "SENTIMENT_MAX_BATCH_SIZE": "1"})
+    pids = worker_pids(server.proc.pid)
+    body = {"texts": ["good movie . " * 9] * 64, "trace": True}
+
+    def post() -> tuple[int, float]:
+        r = httpx.post(server.base_url + "/v1/predict", json=body, timeout=30)
+        return r.status_code, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post) for _ in range(8)]
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        answers = [f.result() for f in futures]
+    assert server.proc.wait(timeout=30) == 0
+    assert [status for status, _ in answers] == [200] * 8
+    assert any(done > signalled for _, done in answers), "nothing was in flight at SIGTERM: make the load heavier"
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
