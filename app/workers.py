@@ -33,7 +33,11 @@ from typing import Any, Callable, Sequence
 from sentiment.engine import ScoredBatch, ScoreRequest
 
 log = logging.getLogger("app.workers")
-START_TIMEOUT_S = 300.0  # load + warm-up of one worker; a slow disk or a cold page cache can take a while
+START_TIMEOUT_S = 300.0
+# Workers run at a lower CPU priority than the front: with one worker per core, the front's event
+# loop (HTTP, JSON, handing out batches) would otherwise wait for a time slice behind busy workers,
+# and every request's latency with it. The front is light, so the workers lose little.
+WORKER_NICE = 5  # load + warm-up of one worker; a slow disk or a cold page cache can take a while
 
 
 class WorkerDiedError(RuntimeError):
@@ -89,6 +93,10 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
     """A worker's life: load, warm up, say ready; then score each batch received until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:  # not permitted here: run at the front's priority
+        pass
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the workers together use them all

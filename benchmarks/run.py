@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-seconds", type=float, default=0, help="memory soak of the default at 64 clients (0: skip)")
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
                    help="service configurations to measure")
+    p.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="extra SENTIMENT_* settings for every configuration (tuning runs)")
     p.add_argument("--processes", type=int, default=None, help="offline-ceiling processes (default: usable cores)")
     p.add_argument("--port", type=int, default=8765, help="port of the service under test")
     p.add_argument("--seed", type=int, default=0, help="which test reviews are sampled")
@@ -287,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results["service"] = {}
     for name in args.configs:
-        server = Server(Path(args.artifacts), CONFIGS[name], args.port)
+        extra = dict(e.split("=", 1) for e in args.env)
+        server = Server(Path(args.artifacts), {**extra, **CONFIGS[name]}, args.port)
         try:
             run_wrk(server.base, bodies, max(args.concurrency), args.warmup_seconds)
             rows = []
