@@ -92,13 +92,31 @@ def cut_words(cleaned: str, keep: int, keep_end: bool = True) -> tuple[str, int]
 
 
 class Tokenizer:
-    """spaCy's rule-based English tokenizer (``spacy.blank``: no model download needed)."""
+    """spaCy's rule-based English tokenizer (``spacy.blank``: no model download needed).
 
-    def __init__(self, settings: TokenizerSettings) -> None:
+    Every call runs inside spaCy's ``memory_zone`` (bounded memory), which also empties spaCy's
+    per-word tokenisation cache after each call; tokenising a word from scratch costs several
+    times a cache hit. So words *frequent in the traffic* are kept: every ``PROMOTE_EVERY_TEXTS``
+    texts, whitespace-separated words seen at least twice in that window are tokenised once outside
+    any zone, where spaCy caches them for good, up to ``CACHE_WORDS`` words in all (about 30 MB; a
+    bound no client can push past, as is the window's count of ``WINDOW_WORDS`` distinct words). The cache only memoises spaCy's own rules, so the tokens
+    are the same either way (tests/test_text.py, and ``python -m benchmarks.tokenizer_cache`` over
+    every IMDB review).
+    """
+
+    PROMOTE_EVERY_TEXTS = 2_000
+    WINDOW_WORDS = 100_000  # distinct words counted at most per window (bounds the counter's memory)
+    CACHE_WORDS = 200_000
+
+    def __init__(self, settings: TokenizerSettings, keep_frequent_words: bool = True) -> None:
         import spacy  # imported here so that importing this module stays cheap
 
         self.settings = settings
         self._nlp = spacy.blank(settings.spacy_language)
+        self._keep_frequent = keep_frequent_words
+        self._window: Counter[str] = Counter()  # words of the current window, with counts
+        self._window_texts = 0
+        self.cached_words: set[str] = set()
 
     def tokenize(self, text: str) -> list[str]:
         """Return the (lower-cased) tokens of ``text``, whitespace tokens dropped."""
@@ -112,12 +130,31 @@ class Tokenizer:
         tokens returned are plain Python strings, copied out before the zone closes.
         """
         lower = self.settings.lowercase
-        cleaned = texts if already_clean else (clean(t, self.settings) for t in texts)
+        cleaned = list(texts if already_clean else (clean(t, self.settings) for t in texts))
         out: list[list[str]] = []
         with self._nlp.memory_zone():
             for doc in self._nlp.tokenizer.pipe(cleaned, batch_size=batch_size):
                 out.append([(t.lower_ if lower else t.text) for t in doc if not t.is_space])
+        if self._keep_frequent and len(self.cached_words) < self.CACHE_WORDS:
+            self._count(cleaned)
         return out
+
+    def _count(self, cleaned: list[str]) -> None:
+        for text in cleaned:
+            self._window.update(text.split())
+        self._window_texts += len(cleaned)
+        if self._window_texts >= self.PROMOTE_EVERY_TEXTS or len(self._window) >= self.WINDOW_WORDS:
+            frequent = [w for w, n in self._window.most_common() if n >= 2 and w not in self.cached_words]
+            self.cache_words(frequent[: self.CACHE_WORDS - len(self.cached_words)])
+            self._window.clear()
+            self._window_texts = 0
+
+    def cache_words(self, words: Sequence[str]) -> None:
+        """Tokenise ``words`` outside any memory zone, so that spaCy keeps them in its cache."""
+        for i in range(0, len(words), 1_000):
+            for _ in self._nlp.tokenizer.pipe([" ".join(words[i:i + 1_000])]):
+                pass
+        self.cached_words.update(words)
 
 
 @dataclass

@@ -118,3 +118,55 @@ def test_a_flood_of_new_words_does_not_grow_the_string_store() -> None:
         flood()
     assert len(strings) <= before + 10  # 6,000 never-seen words later
     assert tokenizer.tokenize("Zyzzyva qwertyuiop!") == ["zyzzyva", "qwertyuiop", "!"]  # tokens unchanged
+
+
+TRICKY = ["I don't think it's \"great\"... (8/10)", "Can't, won't, cannot; gonna see it AGAIN!!!",
+          "U.S. release: e-mail me at x@y.com :) http://imdb.com/title/tt0111161/", "Ms. Smith's 2nd film -- meh.",
+          "ROFL!!! 10/10, A+ ... 'nuff said", "naïve café-owner's déjà vu; “smart” quotes — dashes", "It's... it's  OK?"]
+
+
+def test_kept_frequent_words_change_no_token() -> None:
+    """Words promoted to spaCy's lasting cache tokenise exactly as from scratch (every case,
+    contraction, URL and punctuation run above, repeated so that they are promoted)."""
+    plain = Tokenizer(TokenizerSettings(), keep_frequent_words=False)
+    cached = Tokenizer(TokenizerSettings())
+    cached.PROMOTE_EVERY_TEXTS = 2 * len(TRICKY)  # promote after every second pass (each word seen twice)
+    expected = plain.tokenize_many(TRICKY)
+    for _ in range(3):
+        assert cached.tokenize_many(TRICKY) == expected
+    assert {"don't", "(8/10)", "AGAIN!!!", "x@y.com", "déjà"} <= cached.cached_words
+    assert not plain.cached_words
+
+
+def test_the_lasting_cache_is_bounded() -> None:
+    import random
+    import string
+
+    tokenizer = Tokenizer(TokenizerSettings())
+    tokenizer.PROMOTE_EVERY_TEXTS, tokenizer.CACHE_WORDS, tokenizer.WINDOW_WORDS = 10, 50, 300
+    rng = random.Random(1)
+    for _ in range(20):  # every word twice in its window: all would qualify
+        words = ["".join(rng.choices(string.ascii_lowercase, k=8)) for _ in range(40)]
+        tokenizer.tokenize_many([" ".join(words)] * 2 + ["filler"] * 8)
+        assert len(tokenizer._window) <= 300 + 40
+    assert len(tokenizer.cached_words) == 50
+
+
+def test_kept_words_change_no_token_on_real_reviews() -> None:
+    """A sample of IMDB train and test reviews (``benchmarks/tokenizer_cache.py`` checks all of them)."""
+    from tests.conftest import REPO
+
+    archive = REPO.parent / "shared" / "data" / "aclImdb_v1.tar.gz"
+    if not archive.is_file():
+        pytest.skip("the IMDB archive is not here")
+    from sentiment.imdb import read_imdb
+
+    data = read_imdb(archive, ("train", "test"))
+    texts = [r.text for r in data["train"][::250] + data["test"][::250]]  # 200 reviews
+    plain = Tokenizer(TokenizerSettings(), keep_frequent_words=False)
+    cached = Tokenizer(TokenizerSettings())
+    cached.PROMOTE_EVERY_TEXTS = 50
+    expected = plain.tokenize_many(texts)
+    assert cached.tokenize_many(texts) == expected  # promotes as it goes
+    assert len(cached.cached_words) > 1000
+    assert cached.tokenize_many(texts) == expected  # now mostly from the cache
