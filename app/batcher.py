@@ -14,6 +14,9 @@ exception. Policy:
   items when the previous batch showed concurrent traffic (it had more than one item).
 * **Batches in flight**: up to ``max_in_flight`` batches run at once (one per model-worker process);
   a new batch starts as soon as one of them is free, so each worker is fed while the others run.
+  A batch takes at most its share of the outstanding work (queued + running items ÷
+  ``max_in_flight``): on CPU a batch costs about the sum of its texts, so one worker given all that
+  is queued would make those callers wait for all of it while the other workers idle.
 * **Admission by cost**: each item carries a cost (work, not a count); the queue is bounded in
   items and in cost, and a submission that does not fit is refused whole with
   :class:`QueueFullError`, so a request is never half-queued. :meth:`estimated_wait_s` predicts the
@@ -116,6 +119,7 @@ class MicroBatcher(Generic[T, R]):
         self._last_batch_size = 0
         # Running batches: id → (time.monotonic() at start, cost); their tasks.
         self._running: dict[int, tuple[float, float]] = {}
+        self._running_items = 0
         self._batch_tasks: set[asyncio.Task] = set()
         self._rates: collections.deque[float] = collections.deque(maxlen=RATE_WINDOW)
 
@@ -248,10 +252,22 @@ class MicroBatcher(Generic[T, R]):
                     p.future.set_exception(BatcherClosedError(reason))
             self._forget(group)
 
+    def _batch_limit(self, taken: int = 0) -> int:
+        """Most items for the next batch (``taken`` of them already in it): ``max_batch_size``, and
+        no more than an even share of the outstanding items among the batch slots."""
+        share = math.ceil((self._depth + self._running_items + taken) / self.max_in_flight)
+        return max(1, min(self.max_batch_size, share))
+
     def _take(self, batch: list[_Pending[T]]) -> None:
         """Add items, least-served submission first, until the batch is full (count or cost)."""
         cost = sum(p.cost for p in batch)
-        while self._turns and len(batch) < self.max_batch_size and (not batch or cost < self.max_batch_cost):
+        limit = max(len(batch), self._batch_limit(len(batch)))
+        # The same even share by cost: batches of equal work take equal time, so no caller's batch
+        # runs much longer than its neighbours' (the tail at high concurrency).
+        running_cost = sum(c for _, c in self._running.values())
+        cost_share = (self._queued_cost + running_cost + cost) / self.max_in_flight
+        cost_limit = min(self.max_batch_cost, cost_share) if self.max_in_flight > 1 else self.max_batch_cost
+        while self._turns and len(batch) < limit and (not batch or cost < cost_limit):
             served, group = heapq.heappop(self._turns)
             items = self._groups.get(group)
             if items is None or self._served.get(group) != served:
@@ -296,9 +312,9 @@ class MicroBatcher(Generic[T, R]):
             batch: list[_Pending[T]] = []
             self._take(batch)
             # Linger for more only when traffic is concurrent; a lone request never waits.
-            if self._last_batch_size > 1 and len(batch) < self.max_batch_size and self.max_wait_s > 0:
+            if self._last_batch_size > 1 and len(batch) < self._batch_limit(len(batch)) and self.max_wait_s > 0:
                 deadline = loop.time() + self.max_wait_s
-                while len(batch) < self.max_batch_size and not self._closing:
+                while len(batch) < self._batch_limit(len(batch)) and not self._closing:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
@@ -313,6 +329,7 @@ class MicroBatcher(Generic[T, R]):
             self._last_batch_size = len(batch)
             batch_id = next(self._ids)
             self._running[batch_id] = (time.monotonic(), sum(p.cost for p in batch))
+            self._running_items += len(batch)
             task = loop.create_task(self._run_batch(loop, batch_id, batch), name="micro-batch")
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_done)
@@ -336,6 +353,7 @@ class MicroBatcher(Generic[T, R]):
             results = [exc] * len(batch)
         finally:
             del self._running[batch_id]
+            self._running_items -= len(batch)
         elapsed = time.perf_counter() - started
         full = len(batch) >= min(self.max_batch_size, RATE_MIN_ITEMS) or cost >= self.max_batch_cost
         if elapsed > 0 and full:

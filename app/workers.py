@@ -7,6 +7,10 @@ holds its own :class:`~sentiment.engine.SentimentEngine` and runs ``engine.score
 forward) on the batches it is given. The same engine code runs in every worker, so a text's result
 does not depend on which worker or batch scored it.
 
+Workers are started as ``python -m app.workers <fd>`` (not with multiprocessing's spawn, which would
+re-import the parent's ``__main__``: a script that calls ``uvicorn.run(app)`` without a
+``__main__`` guard would start itself again); batches and results cross a socket pair as pickles.
+
 A worker that dies is replaced at once; the batch it held fails with :class:`WorkerDiedError`
 (its texts get a 503 that says to retry), and readiness is false until the replacement is warm.
 Workers ignore SIGINT and SIGTERM: the front drains first, then tells them to exit, so a signal to
@@ -18,17 +22,19 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from sentiment.engine import ScoredBatch, ScoreRequest
 
@@ -89,8 +95,9 @@ class WorkerConfig:
     warmup: bool
 
 
-def _serve(conn: Connection, config: WorkerConfig) -> None:
-    """A worker's life: load, warm up, say ready; then score each batch received until told to stop."""
+def _serve(conn: Connection) -> None:
+    """A worker's life: read its config, load, warm up, say ready; then score each batch received
+    until told to stop (``None``) or until the front is gone (end of file)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -103,6 +110,7 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
     from sentiment.engine import SentimentEngine
 
     try:
+        config: WorkerConfig = conn.recv()
         engine = SentimentEngine.load(config.artifacts_dir, config.device, precision=config.precision,
                                       max_tokens=config.max_tokens, max_explain_tokens=config.max_explain_tokens,
                                       max_batch_tokens=config.max_batch_tokens)
@@ -133,13 +141,28 @@ def _picklable(batch: ScoredBatch) -> ScoredBatch:
     return batch
 
 
+def _worker_env() -> dict[str, str]:
+    """This process's environment, with this checkout first on the import path (the front may have
+    found ``app`` through its working directory rather than an installed package)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 class _Worker:
-    def __init__(self, index: int, process: Any, conn: Connection) -> None:
+    def __init__(self, index: int, process: subprocess.Popen, conn: Connection) -> None:
         self.index, self.process, self.conn = index, process, conn
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int:
         return self.process.pid
+
+    def wait(self, timeout_s: float) -> int | None:
+        """The exit code once the process has ended within ``timeout_s``, else None."""
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 class ModelWorkers:
@@ -153,7 +176,6 @@ class ModelWorkers:
         self.restarts = 0
         self._on_restart = on_restart
         self._on_fatal = on_fatal
-        self._context = mp.get_context("spawn")  # no fork of a process that holds threads and an event loop
         self._workers: dict[int, _Worker] = {}  # index → its live, ready worker
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -180,12 +202,13 @@ class ModelWorkers:
         log.info("%d model workers ready (pids %s)", self.count, ", ".join(str(w.pid) for w in pending))
 
     def _spawn(self, index: int) -> _Worker:
-        ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=_serve, args=(theirs, self.config), name=f"model-worker-{index}",
-                                        daemon=True)
-        process.start()
-        theirs.close()
-        return _Worker(index, process, ours)
+        ours, theirs = socket.socketpair()
+        with theirs:
+            process = subprocess.Popen([sys.executable, "-m", "app.workers", str(theirs.fileno())],
+                                       pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env())
+        conn = Connection(ours.detach())
+        conn.send(self.config)
+        return _Worker(index, process, conn)
 
     def _await_ready(self, worker: _Worker) -> None:
         try:
@@ -193,7 +216,7 @@ class ModelWorkers:
                 raise WorkerStartError(f"model worker {worker.index} was not ready within {START_TIMEOUT_S:.0f}s")
             status, detail = worker.conn.recv()
         except (EOFError, OSError):
-            status, detail = "failed", f"exited with code {worker.process.exitcode}"
+            status, detail = "failed", f"exited with code {worker.wait(5)}"
         if status != "ready":
             worker.process.kill()
             raise WorkerStartError(f"model worker {worker.index} failed to start: {detail}")
@@ -216,9 +239,8 @@ class ModelWorkers:
             self._workers.pop(dead.index, None)
             if self._closed:
                 return
-        dead.process.join(timeout=5)
         log.error("model worker %d (pid %s) exited with code %s; starting a replacement",
-                  dead.index, dead.pid, dead.process.exitcode)
+                  dead.index, dead.pid, dead.wait(5))
         self.restarts += 1
         if self._on_restart is not None:
             self._on_restart()
@@ -254,7 +276,7 @@ class ModelWorkers:
         return out
 
     def pids(self) -> Sequence[int]:
-        return [w.pid for w in self._workers.values() if w.pid is not None]
+        return [w.pid for w in self._workers.values()]
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Tell every worker to exit (after the batcher has drained); kill those that do not."""
@@ -269,7 +291,11 @@ class ModelWorkers:
                 pass
         deadline = time.monotonic() + timeout_s
         for worker in workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():  # a hung batch: the process cannot be asked nicely
+            if worker.wait(max(0.0, deadline - time.monotonic())) is None:  # a hung batch: no asking nicely
                 worker.process.kill()
-                worker.process.join(1)
+                worker.wait(1)
+            worker.conn.close()
+
+
+if __name__ == "__main__":  # python -m app.workers <fd>: one model worker, started by ModelWorkers
+    _serve(Connection(int(sys.argv[1])))
