@@ -195,6 +195,7 @@ class ModelWorkers:
         except BaseException:
             for worker in pending:
                 worker.process.kill()
+                worker.wait(5)
             raise
         for worker in pending:
             self._workers[worker.index] = worker
@@ -219,11 +220,16 @@ class ModelWorkers:
             status, detail = "failed", f"exited with code {worker.wait(5)}"
         if status != "ready":
             worker.process.kill()
+            worker.wait(5)
             raise WorkerStartError(f"model worker {worker.index} failed to start: {detail}")
 
     def score(self, requests: list[ScoreRequest]) -> ScoredBatch:
         """Score one batch on a free worker (blocks until one is free)."""
-        worker = self._idle.get()
+        while True:
+            worker = self._idle.get()
+            if worker.process.poll() is None:
+                break
+            self._replace(worker)  # it died while idle (an OOM kill, say): nothing was lost, take another
         try:
             worker.conn.send(requests)
             batch = worker.conn.recv()

@@ -97,8 +97,8 @@ class Tokenizer:
     Every call runs inside spaCy's ``memory_zone`` (bounded memory), which also empties spaCy's
     per-word tokenisation cache after each call; tokenising a word from scratch costs several
     times a cache hit. So words *frequent in the traffic* are kept: every ``PROMOTE_EVERY_TEXTS``
-    texts, whitespace-separated words seen at least twice in that window are tokenised once outside
-    any zone, where spaCy caches them for good, up to ``CACHE_WORDS`` words in all (about 30 MB; a
+    texts, whitespace-separated words seen at least twice in that window are tokenised outside any
+    zone (``PROMOTE_PER_CALL`` of them per call, so no call stalls), where spaCy caches them for good, up to ``CACHE_WORDS`` words in all (about 30 MB; a
     bound no client can push past, as is the window's count of ``WINDOW_WORDS`` distinct words). The cache only memoises spaCy's own rules, so the tokens
     are the same either way (tests/test_text.py, and ``python -m benchmarks.tokenizer_cache`` over
     every IMDB review).
@@ -107,6 +107,7 @@ class Tokenizer:
     PROMOTE_EVERY_TEXTS = 2_000
     WINDOW_WORDS = 100_000  # distinct words counted at most per window (bounds the counter's memory)
     CACHE_WORDS = 200_000
+    PROMOTE_PER_CALL = 500  # words cached per call at most: ~5 ms, so no batch stalls on a big promotion
 
     def __init__(self, settings: TokenizerSettings, keep_frequent_words: bool = True) -> None:
         import spacy  # imported here so that importing this module stays cheap
@@ -116,6 +117,7 @@ class Tokenizer:
         self._keep_frequent = keep_frequent_words
         self._window: Counter[str] = Counter()  # words of the current window, with counts
         self._window_texts = 0
+        self._to_cache: list[str] = []  # frequent words not cached yet, a few per call
         self.cached_words: set[str] = set()
 
     def tokenize(self, text: str) -> list[str]:
@@ -140,12 +142,16 @@ class Tokenizer:
         return out
 
     def _count(self, cleaned: list[str]) -> None:
+        if self._to_cache:
+            self.cache_words(self._to_cache[: self.PROMOTE_PER_CALL])
+            del self._to_cache[: self.PROMOTE_PER_CALL]
+            return  # count the next window once this one is cached
         for text in cleaned:
             self._window.update(text.split())
         self._window_texts += len(cleaned)
         if self._window_texts >= self.PROMOTE_EVERY_TEXTS or len(self._window) >= self.WINDOW_WORDS:
             frequent = [w for w, n in self._window.most_common() if n >= 2 and w not in self.cached_words]
-            self.cache_words(frequent[: self.CACHE_WORDS - len(self.cached_words)])
+            self._to_cache = frequent[: self.CACHE_WORDS - len(self.cached_words)]
             self._window.clear()
             self._window_texts = 0
 

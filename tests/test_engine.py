@@ -67,6 +67,10 @@ def test_a_text_the_tokenizer_cannot_take_fails_alone(tiny_artifacts) -> None:
 
 @pytest.mark.parametrize("precision, bound", [("bf16", 0.05), ("int8", 0.05)])
 def test_cheaper_precisions_stay_close_to_fp32(tiny_artifacts, precision: str, bound: float) -> None:
+    from sentiment.artifacts import cpu_has_bf16
+
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no AVX-512 BF16 or AMX (see test_bf16_is_refused_without_bf16_instructions)")
     texts = ["good", "the movie was awful !", "a great film , the film was good . " * 4]
     exact = SentimentEngine.load(tiny_artifacts, "cpu").score([ScoreRequest(t, trace=True) for t in texts]).results
     cheap_engine = SentimentEngine.load(tiny_artifacts, "cpu", precision=precision)
@@ -84,5 +88,11 @@ def test_unknown_precision_is_refused(tiny_artifacts) -> None:
 
 
 def test_model_endpoint_reports_precision_and_workers(make_client) -> None:
-    info = make_client(precision="bf16").get("/v1/model").json()
-    assert info["precision"] == "bf16" and info["workers"] == 0
+    info = make_client(precision="int8").get("/v1/model").json()  # int8 runs on any CPU; bf16 may not
+    assert info["precision"] == "int8" and info["workers"] == 0
+
+
+def test_bf16_is_refused_without_bf16_instructions(tiny_artifacts, monkeypatch) -> None:
+    monkeypatch.setattr("sentiment.engine.cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="AVX-512 BF16 or AMX"):
+        SentimentEngine.load(tiny_artifacts, "cpu", precision="bf16")

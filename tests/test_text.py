@@ -132,7 +132,7 @@ def test_kept_frequent_words_change_no_token() -> None:
     cached = Tokenizer(TokenizerSettings())
     cached.PROMOTE_EVERY_TEXTS = 2 * len(TRICKY)  # promote after every second pass (each word seen twice)
     expected = plain.tokenize_many(TRICKY)
-    for _ in range(3):
+    for _ in range(4):
         assert cached.tokenize_many(TRICKY) == expected
     assert {"don't", "(8/10)", "AGAIN!!!", "x@y.com", "déjà"} <= cached.cached_words
     assert not plain.cached_words
@@ -144,8 +144,9 @@ def test_the_lasting_cache_is_bounded() -> None:
 
     tokenizer = Tokenizer(TokenizerSettings())
     tokenizer.PROMOTE_EVERY_TEXTS, tokenizer.CACHE_WORDS, tokenizer.WINDOW_WORDS = 10, 50, 300
+    tokenizer.PROMOTE_PER_CALL = 7
     rng = random.Random(1)
-    for _ in range(20):  # every word twice in its window: all would qualify
+    for _ in range(40):  # every word twice in its window: all would qualify
         words = ["".join(rng.choices(string.ascii_lowercase, k=8)) for _ in range(40)]
         tokenizer.tokenize_many([" ".join(words)] * 2 + ["filler"] * 8)
         assert len(tokenizer._window) <= 300 + 40
@@ -167,6 +168,7 @@ def test_kept_words_change_no_token_on_real_reviews() -> None:
     cached = Tokenizer(TokenizerSettings())
     cached.PROMOTE_EVERY_TEXTS = 50
     expected = plain.tokenize_many(texts)
-    assert cached.tokenize_many(texts) == expected  # promotes as it goes
+    assert [cached.tokenize_many(texts[i:i + 10]) for i in range(0, 200, 10)] == [
+        expected[i:i + 10] for i in range(0, 200, 10)]  # promotes as it goes
     assert len(cached.cached_words) > 1000
     assert cached.tokenize_many(texts) == expected  # now mostly from the cache

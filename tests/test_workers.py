@@ -68,7 +68,7 @@ def test_usable_cpus_is_affinity_capped_by_quota(monkeypatch: pytest.MonkeyPatch
     assert usable_cpus() == 1
 
 
-def test_a_dead_worker_fails_only_its_batch_and_is_replaced(tiny_artifacts: Path) -> None:
+def test_a_worker_that_dies_idle_is_replaced_without_failing_anything(tiny_artifacts: Path) -> None:
     config = WorkerConfig(str(tiny_artifacts), "cpu", "fp32", None, None, 16_384, True)
     restarts = []
     pool = ModelWorkers(config, 1, on_restart=lambda: restarts.append(1))
@@ -78,15 +78,32 @@ def test_a_dead_worker_fails_only_its_batch_and_is_replaced(tiny_artifacts: Path
         first = pool.score([ScoreRequest("good")]).results[0]
         (pid,) = pool.pids()
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(WorkerDiedError):
-            pool.score([ScoreRequest("good")])
-        assert restarts == [1]
-        again = pool.score([ScoreRequest("good")]).results[0]  # waits for the replacement
-        assert pool.pids() != [pid] and pool.ready == 1
+        time.sleep(0.2)
+        again = pool.score([ScoreRequest("good")]).results[0]  # noticed before sending; waits for the replacement
+        assert restarts == [1] and pool.pids() != [pid] and pool.ready == 1
         assert again.probability == first.probability
     finally:
         pool.close()
     assert pool.ready == 0
+
+
+def test_a_worker_that_dies_mid_batch_fails_that_batch_only(tiny_artifacts: Path) -> None:
+    config = WorkerConfig(str(tiny_artifacts), "cpu", "fp32", None, None, 16_384, True)
+    pool = ModelWorkers(config, 1)
+    pool.start()
+    try:
+        big = [ScoreRequest("good movie , the film was great . " * 3 + str(i), trace=True) for i in range(4000)]
+        (pid,) = pool.pids()
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            scoring = ex.submit(pool.score, big)
+            time.sleep(0.15)  # the worker is tokenising the batch (about a second)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(WorkerDiedError):
+                scoring.result(timeout=30)
+        assert pool.score([ScoreRequest("good")]).results[0].num_tokens == 1  # the replacement serves
+        assert pool.restarts == 1
+    finally:
+        pool.close()
 
 
 def test_workers_score_exactly_like_the_engine_in_process(tiny_artifacts: Path) -> None:

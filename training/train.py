@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sentiment.artifacts import cpu_model, export_artifacts, load_artifacts
+from sentiment.artifacts import cpu_has_bf16, cpu_model, export_artifacts, load_artifacts
 from sentiment.imdb import read_movie_ids
 from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
@@ -156,19 +156,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), which oneDNN's bf16 LSTM needs.
-
-    Without them (e.g. an AVX2-only AMD EPYC), bf16 autocast of ``nn.LSTM`` fails in oneDNN ("could not
-    create a primitive descriptor"), and PyTorch's fallback LSTM in bf16 ran 40× slower than fp32 here.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def use_bf16(args: argparse.Namespace) -> bool:
