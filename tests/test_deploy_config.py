@@ -156,8 +156,8 @@ def check_service_container(svc: dict[str, Any]) -> None:
     assert svc["restart"] in ("always", "unless-stopped", "on-failure")
     limits = svc["deploy"]["resources"]["limits"]
     assert "cpus" in limits and "memory" in limits
-    threads = int(svc["environment"]["SENTIMENT_TORCH_THREADS"])
-    assert threads <= float(limits["cpus"]), "more torch threads than CPUs only adds contention"
+    workers = int(svc["environment"]["SENTIMENT_WORKERS"])
+    assert 1 <= workers <= float(limits["cpus"]), "more model workers than CPUs only adds contention"
     assert svc["environment"]["SENTIMENT_DEVICE"] == "auto"
     assert svc.get("read_only") is True and "/tmp" in svc.get("tmpfs", [])
     env = svc["environment"]
