@@ -39,7 +39,7 @@ from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
 from app.settings import Settings
 from app.tracing import RequestTimings, current_timings, record_batch
-from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, usable_cpus
+from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, resident_bytes, usable_cpus
 from sentiment import label_of
 from sentiment.artifacts import resolve_device
 from sentiment.engine import EmptyTextError, ExplainTooLongError, Score, ScoreRequest, ScoredBatch, SentimentEngine
@@ -147,8 +147,7 @@ class SentimentService:
 
     def _resident_bytes(self) -> float:
         """This process's resident memory plus its workers'."""
-        own = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return own + (sum(self.workers.resident_bytes().values()) if self.workers else 0)
+        return resident_bytes() + (sum(self.workers.resident_bytes().values()) if self.workers else 0)
 
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching and report ready."""

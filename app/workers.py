@@ -82,6 +82,14 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
+def resident_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process, from /proc (0 if it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """What a worker needs to build its engine (plain values: it crosses a process boundary)."""
@@ -272,14 +280,7 @@ class ModelWorkers:
 
     def resident_bytes(self) -> dict[int, int]:
         """Resident memory of each live worker (index → bytes), from /proc."""
-        page = os.sysconf("SC_PAGE_SIZE")
-        out = {}
-        for index, worker in list(self._workers.items()):
-            try:
-                out[index] = int(Path(f"/proc/{worker.pid}/statm").read_text().split()[1]) * page
-            except (OSError, ValueError, IndexError):
-                pass
-        return out
+        return {index: resident_bytes(worker.pid) for index, worker in list(self._workers.items())}
 
     def pids(self) -> Sequence[int]:
         return [w.pid for w in self._workers.values()]
