@@ -13,9 +13,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from sentiment.artifacts import file_sha256
 from sentiment.imdb import read_imdb
-from sentiment.text import Tokenizer, TokenizerSettings
+from sentiment.text import UNK_ID, Tokenizer, TokenizerSettings, Vocabulary
 
 
 def _tokenize_chunk(args: tuple[TokenizerSettings, list[str]]) -> list[str]:
@@ -142,3 +144,87 @@ def random_split(n: int, fraction: float, seed: int) -> Split:
     random.Random(seed).shuffle(order)
     n_val = int(round(n * fraction))
     return Split("random", seed, sorted(order[n_val:]), sorted(order[:n_val]))
+
+
+@dataclass
+class EncodedCorpus:
+    """The labelled train/ reviews and unsup as vocabulary ids, full length: what the long phases read.
+
+    Built from a :class:`TokenizedCorpus` and the run's vocabulary, or read from a pack
+    (:func:`save_pack`), so that a machine without the archive or spaCy (a rented GPU) can run the
+    language-model and fine-tuning phases. Test reviews are not in it: they are scored from the
+    archive, through the exported artifacts, where the run is exported.
+    """
+
+    data_sha256: str
+    train: list[np.ndarray]  # labelled train/ reviews, int32 ids, untruncated
+    labels: list[int]
+    keys: list[str]
+    unsup: list[np.ndarray]
+    n_test: int
+
+    def truncated(self, indices: Sequence[int], vocab: Vocabulary) -> list[list[int]]:
+        """The classifier's input for train reviews ``indices``: the vocabulary's truncation policy
+        applied to ids, exactly as :meth:`Vocabulary.encode_tokens` applies it to tokens."""
+        return [list(vocab.truncate(self.train[i].tolist())[0]) or [UNK_ID] for i in indices]
+
+
+def encode_corpus(corpus: TokenizedCorpus, vocab: Vocabulary) -> EncodedCorpus:
+    """Tokens → ids for train and unsup (unknown words → ``<unk>``)."""
+    def ids(token_lists: list[list[str]]) -> list[np.ndarray]:
+        return [np.asarray(vocab.lookup(t), dtype=np.int32) for t in token_lists]
+
+    return EncodedCorpus(corpus.data_sha256, ids(corpus.tokens["train"]), list(corpus.labels["train"]),
+                         list(corpus.keys["train"]), ids(corpus.tokens["unsup"]), len(corpus.tokens["test"]))
+
+
+PACK_FORMAT = 1
+
+
+def _flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+    return flat.astype(np.uint16), offsets
+
+
+def _unflat(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    flat = flat.astype(np.int32)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def save_pack(path: str | Path, encoded: EncodedCorpus, split: Split, vocab: Vocabulary) -> Path:
+    """Write ids, labels, the split and the vocabulary to one xz-compressed file (~21 MB for IMDB)."""
+    import io
+    import json
+    import lzma
+    from dataclasses import asdict
+
+    if len(vocab) > np.iinfo(np.uint16).max:
+        raise ValueError("a pack stores ids as uint16: the vocabulary is too large")
+    meta = {"format": PACK_FORMAT, "data_sha256": encoded.data_sha256, "keys": encoded.keys, "n_test": encoded.n_test,
+            "split": asdict(split), "vocab": {"itos": vocab.itos, "tokenizer": asdict(vocab.settings)}}
+    train, train_off = _flat(encoded.train)
+    unsup, unsup_off = _flat(encoded.unsup)
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), train=train, train_offsets=train_off,
+             unsup=unsup, unsup_offsets=unsup_off, labels=np.asarray(encoded.labels, dtype=np.int8))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lzma.compress(buf.getvalue(), preset=6))
+    return path
+
+
+def load_pack(path: str | Path) -> tuple[EncodedCorpus, Split, Vocabulary]:
+    """Read a file written by :func:`save_pack`."""
+    import io
+    import json
+    import lzma
+
+    with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        if meta.get("format") != PACK_FORMAT:
+            raise ValueError(f"{path}: unsupported pack format {meta.get('format')}")
+        encoded = EncodedCorpus(meta["data_sha256"], _unflat(z["train"], z["train_offsets"]), z["labels"].tolist(),
+                                meta["keys"], _unflat(z["unsup"], z["unsup_offsets"]), meta["n_test"])
+    vocab = Vocabulary(meta["vocab"]["itos"], TokenizerSettings(**meta["vocab"]["tokenizer"]))
+    return encoded, Split(**meta["split"]), vocab

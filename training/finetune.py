@@ -76,7 +76,7 @@ def sentiment_loss(step: torch.Tensor, lengths: torch.Tensor, labels: torch.Tens
     last = step.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # (B,)
     loss = F.binary_cross_entropy_with_logits(last, labels)
     if aux_weight > 0:
-        mask = (torch.arange(step.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).float()  # (B, T)
+        mask = (torch.arange(step.size(1), device=step.device).unsqueeze(0) < lengths.unsqueeze(1)).float()  # (B, T)
         per_step = F.binary_cross_entropy_with_logits(step, labels.unsqueeze(1).expand_as(step), reduction="none")
         aux = (per_step * mask).sum(1) / lengths.float()  # (B,)
         loss = (1 - aux_weight) * loss + aux_weight * aux.mean()
@@ -101,7 +101,7 @@ def training_loss(model: SentimentLSTM, ids: torch.Tensor, lengths: torch.Tensor
 
     Returns (total loss, {"clean", "adversarial", "last" logits}).
     """
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         emb = model.embedding(ids)  # (B, T, E)
         if cfg.adv_eps > 0 and not emb.requires_grad:
             emb = emb.detach().requires_grad_()  # frozen embedding: still need ∂loss/∂emb
@@ -146,6 +146,7 @@ def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cf
     checkpoint when the time box runs out. Returns the phase report for the model card.
     """
     ids_all, labels_all = train
+    device = next(model.parameters()).device
     phase = state.phase(PHASE)
     groups = parameter_groups(model)
     optimizer = torch.optim.AdamW(
@@ -172,7 +173,7 @@ def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cf
         set_rng_state(small["rng"])
         if full:
             optimizer.load_state_dict(full["optimizer"])
-            ema = full["ema"]
+            ema = {k: v.to(device) for k, v in full["ema"].items()}
             log(f"fine-tuning: resumed exactly at epoch {pos['epoch']}, batch {pos['batch']}/{per_epoch}")
         else:
             rewarm_from = pos["step"]
@@ -193,7 +194,7 @@ def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cf
     def averaged() -> SentimentLSTM:
         copy = SentimentLSTM(model_config(model))
         copy.load_state_dict(ema)
-        return copy
+        return copy.to(device)
 
     while pos["epoch"] <= cfg.epochs:
         epoch = pos["epoch"]
@@ -211,7 +212,8 @@ def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cf
             t0 = time.time()
             batch = batches[pos["batch"]]
             ids, lens = pad_batch([ids_all[i] for i in batch])  # (B, T), (B,)
-            y = torch.tensor([labels_all[i] for i in batch], dtype=torch.float32)  # (B,)
+            ids, lens = ids.to(device), lens.to(device)
+            y = torch.tensor([labels_all[i] for i in batch], dtype=torch.float32, device=device)  # (B,)
             factor = lr_factor(pos["step"], total_steps, warmup, cfg.min_lr_ratio)
             if rewarm_from is not None:
                 factor *= min(1.0, (pos["step"] - rewarm_from + 1) / max(1, cfg.rewarm_steps))

@@ -114,7 +114,7 @@ def lm_chunk_loss(model: SentimentLSTM, head: NextTokenHead, inputs: torch.Tenso
 
     Returns (loss, number of scored targets, new hidden state). Separator targets are not scored.
     """
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
         x = F.dropout(model.embedding(inputs), dropout, model.training)  # (R, T, E)
         h, hidden = model.lstm(x, hidden)  # (R, T, H); hidden: 2 × (layers, R, H)
         h = F.dropout(h, dropout, model.training)
@@ -132,7 +132,7 @@ def held_out_perplexity(model: SentimentLSTM, head: NextTokenHead, texts: Sequen
     model.eval()
     head.eval()
     stream = build_stream(texts, seed=0, epoch=0)[: max_tokens + 1]
-    data = batchify(stream, min(rows, max(1, stream.numel() // (bptt + 1))))
+    data = batchify(stream, min(rows, max(1, stream.numel() // (bptt + 1)))).to(model_device(model))
     hidden = None
     total, count = 0.0, 0
     for start in range(0, data.size(1) - 1, bptt):
@@ -152,15 +152,17 @@ def lstm_features(model: SentimentLSTM, id_lists: Sequence[list[int]], bf16: boo
     model.eval()
     out = torch.zeros(len(id_lists), 2 * model.lstm.hidden_size)
     lengths = [len(x) for x in id_lists]
+    device = model_device(model)
     for batch in length_buckets(lengths, batch_size):
         ids, lens = pad_batch([id_lists[i] for i in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ids, lens = ids.to(device), lens.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             h, _ = model.lstm(model.embedding(ids))  # (B, T, H)
         h = h.float()
-        mask = (torch.arange(ids.size(1)).unsqueeze(0) < lens.unsqueeze(1)).unsqueeze(-1)  # (B, T, 1)
+        mask = (torch.arange(ids.size(1), device=device).unsqueeze(0) < lens.unsqueeze(1)).unsqueeze(-1)  # (B, T, 1)
         last = h.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, h.size(2))).squeeze(1)  # (B, H)
         mean = (h * mask).sum(1) / lens.unsqueeze(1)  # (B, H)
-        out[batch] = torch.cat([last, mean], 1)
+        out[batch] = torch.cat([last, mean], 1).cpu()
     return out
 
 
@@ -191,6 +193,11 @@ def probe_accuracy(model: SentimentLSTM, train: tuple[Sequence[list[int]], Seque
     return round(float((pred.float() == torch.tensor(validation[1], dtype=torch.float32)).float().mean()), 4)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's weights are on (training runs on one device)."""
+    return next(model.parameters()).device
+
+
 def lm_weights(model: SentimentLSTM, head: NextTokenHead) -> dict[str, torch.Tensor]:
     """The weights the language-model phase trains: embedding, LSTM, next-token head."""
     out = {f"embedding.{k}": v for k, v in model.embedding.state_dict().items()}
@@ -211,7 +218,7 @@ def load_lm_weights(model: SentimentLSTM, head: NextTokenHead, weights: dict[str
 def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], held_out: Sequence[np.ndarray],
                             cfg: LMConfig, seed: int, state: RunState, timebox: TimeBox,
                             probe: Callable[[SentimentLSTM], float] | None = None,
-                            log: Callable[[str], None] = print) -> dict:
+                            log: Callable[[str], None] = print, head_weights: dict | None = None) -> dict:
     """Train ``model``'s embedding + LSTM as a language model on ``texts``, in place, resumably.
 
     ``held_out`` reviews give the perplexity reported after every epoch; ``probe`` (optional) maps
@@ -220,7 +227,11 @@ def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], h
     phase's report for the model card: history per epoch, tokens/s, seconds.
     """
     phase = state.phase(PHASE)
+    device = model_device(model)
     head = NextTokenHead(model.lstm.hidden_size, model.embedding.num_embeddings)
+    if head_weights is not None:
+        head.load_state_dict(head_weights)
+    head.to(device)
     params = list(model.embedding.parameters()) + list(model.lstm.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_tokens = sum(len(t) + 1 for t in texts)
@@ -233,7 +244,7 @@ def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], h
     if small is not None:
         load_lm_weights(model, head, full["weights"] if full else expand(small["weights"]))
         pos = dict(small["position"])
-        hidden = small["hidden"]
+        hidden = None if small["hidden"] is None else tuple(h.to(device) for h in small["hidden"])
         set_rng_state(small["rng"])
         if full:
             optimizer.load_state_dict(full["optimizer"])
@@ -248,8 +259,8 @@ def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], h
 
     def checkpoint() -> None:
         phase["position"] = {k: pos[k] for k in ("epoch", "batch", "step")}
-        payload = {"run_id": run_id, "step": pos["step"], "position": dict(pos), "hidden": hidden,
-                   "rng": rng_state()}
+        payload = {"run_id": run_id, "step": pos["step"], "position": dict(pos),
+                   "hidden": None if hidden is None else tuple(h.cpu() for h in hidden), "rng": rng_state()}
         state.save_phase(PHASE, {**payload, "weights": compact(lm_weights(model, head))},
                          {"run_id": run_id, "step": pos["step"], "weights": lm_weights(model, head),
                           "optimizer": optimizer.state_dict()})
@@ -266,7 +277,7 @@ def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], h
 
     while pos["epoch"] <= cfg.epochs:
         epoch = pos["epoch"]
-        data = batchify(build_stream(texts, seed, epoch), cfg.rows)  # (rows, cols)
+        data = batchify(build_stream(texts, seed, epoch), cfg.rows).to(device)  # (rows, cols)
         if pos["batch"] == 0:
             hidden = None
         t_log, tok_log = time.time(), 0

@@ -44,18 +44,19 @@ from sentiment.artifacts import cpu_has_bf16, cpu_model, export_artifacts, load_
 from sentiment.imdb import read_movie_ids
 from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
-from training.data import Split, TokenizedCorpus, load_tokenized, movie_grouped_split, random_split
+from training.data import (EncodedCorpus, Split, TokenizedCorpus, encode_corpus, load_pack, load_tokenized,
+                           movie_grouped_split, random_split)
 from training.evaluate import compute_metrics, predict_ids
 from training.finetune import FineTuneConfig, fine_tune
 from training.pretrain import LMConfig, pretrain_language_model, probe_accuracy
-from training.state import RunState, TimeBox, TimeBoxReached
+from training.state import RunState, TimeBox, TimeBoxReached, expand
 
 # Flags that define the run: fixed when a run starts, read back from run.json when it continues.
 RECIPE = ["split", "val_fraction", "seed", "max_train", "max_tokens", "vocab_size", "min_freq", "embedding_dim",
           "hidden_size", "layers", "dropout", "word_vectors", "w2v_epochs", "lm_epochs", "lm_bptt", "lm_rows",
           "lm_lr", "lm_warmup_steps", "lm_weight_decay", "lm_dropout", "lm_clip", "lm_eval_tokens", "probe_reviews",
           "epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction", "ema_decay",
-          "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay"]
+          "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay", "init_from"]
 # Recipe flags a continuation may change: the planned length of a phase (its schedule stretches).
 EXTENDABLE = {"lm_epochs", "epochs"}
 # A phase's own flags stay open until the phase has started (so a copy of a run's state can try
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=".cache", help="tokenised corpus and word-vector cache")
     g.add_argument("--state-dir", default="training_state", help="compact resumable state of this run (commit it)")
     g.add_argument("--checkpoint-dir", default="checkpoints", help="exact local checkpoints with optimizer state")
+    g.add_argument("--pack", default=None,
+                   help="read ids, split and vocabulary from a pack written by training.pack instead of --data "
+                   "(for a machine without the archive or spaCy); export, and test elsewhere")
+    g.add_argument("--init-from", default=None,
+                   help="another run's --state-dir: start from its pre-trained language model (lm.pt, same "
+                   "vocabulary) instead of word2vec, e.g. to pre-train longer or with other settings")
 
     g = p.add_argument_group("time box and machine")
     g.add_argument("--stop-after-minutes", type=float, default=None,
@@ -90,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast for the long phases (auto: bf16 when the CPU has AVX-512 BF16/AMX); "
                    "weights stay and export fp32")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the long phases run (auto: CUDA when there is one); export is always CPU fp32")
     g.add_argument("--workers", type=int, default=2, help="tokenisation and word2vec processes")
     g.add_argument("--no-test", action="store_true", help="skip the test-split evaluation (ablations must skip it)")
 
@@ -158,9 +167,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def training_device(args: argparse.Namespace) -> torch.device:
+    """The device of the long phases: ``--device``, where auto means CUDA when there is one."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
 def use_bf16(args: argparse.Namespace) -> bool:
-    """bf16 autocast for the long phases: asked for, or ``auto`` on a CPU that runs it natively."""
-    return args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
+    """bf16 autocast for the long phases: asked for, or ``auto`` where it runs natively (CUDA with
+    bf16, or a CPU with AVX-512 BF16/AMX)."""
+    if args.precision != "auto":
+        return args.precision == "bf16"
+    if training_device(args).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
 
 
 def adopt_recipe(args: argparse.Namespace, state: RunState) -> None:
@@ -230,6 +252,27 @@ def stage_split(args: argparse.Namespace, corpus: TokenizedCorpus) -> Split:
     return split
 
 
+def stage_pack(args: argparse.Namespace, state: RunState) -> tuple[EncodedCorpus, Split, Vocabulary]:
+    """--pack → (ids, split, vocabulary) in place of data → split → vocabulary, checked against the run."""
+    t0 = time.time()
+    encoded, split, vocab = load_pack(args.pack)
+    if (split.kind, split.seed) != (args.split, args.seed):
+        raise SystemExit(f"{args.pack} holds a {split.kind} split with seed {split.seed}; the run wants "
+                         f"--split {args.split} --seed {args.seed}")
+    path = state.dir / "vocab.json"
+    if path.is_file() and Vocabulary.load(path).itos != vocab.itos:
+        raise SystemExit(f"{args.pack} was packed with another vocabulary than {path}")
+    if not path.is_file():
+        state.dir.mkdir(parents=True, exist_ok=True)
+        vocab.save(path)
+    if args.max_train:
+        split = Split(split.kind, split.seed, split.train[: args.max_train], split.validation,
+                      split.validation_movies, split.train_movies)
+    log(f"pack: {len(encoded.train)} labelled + {len(encoded.unsup)} unlabelled reviews in {time.time() - t0:.0f}s; "
+        f"split: {split.summary()}")
+    return encoded, split, vocab
+
+
 def stage_vocabulary(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, state: RunState) -> Vocabulary:
     """Training-part tokens → vocabulary (validation words are as unseen as test words); kept in the state."""
     path = state.dir / "vocab.json"
@@ -271,28 +314,40 @@ def word2vec_matrix(vocab: Vocabulary, sentences: list[list[str]], dim: int, epo
     return matrix
 
 
-def stage_word_vectors(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, vocab: Vocabulary,
-                       state: RunState) -> SentimentLSTM:
-    """Vocabulary → a fresh SentimentLSTM, its embedding from word2vec (skipped once a later phase has weights)."""
+def stage_word_vectors(args: argparse.Namespace, corpus: TokenizedCorpus | None, split: Split, vocab: Vocabulary,
+                       state: RunState) -> tuple[SentimentLSTM, dict | None]:
+    """Vocabulary → a fresh SentimentLSTM, its embedding from word2vec, or embedding + LSTM from
+    --init-from's language model (then also returns that model's next-token head weights).
+
+    Skipped once a later phase of this run has weights (they are loaded by that phase).
+    """
     model = SentimentLSTM(ModelConfig(len(vocab), args.embedding_dim, args.hidden_size, args.layers, args.dropout))
     later = any((state.dir / f"{name}.pt").is_file() for name in ("lm", "finetune"))
-    if args.word_vectors == "word2vec" and not later:
+    if later:
+        return model, None
+    if args.init_from:
+        source = Path(args.init_from)
+        if Vocabulary.load(source / "vocab.json").itos != vocab.itos:
+            raise SystemExit(f"--init-from {source}: its vocabulary differs from this run's")
+        weights = expand(torch.load(source / "lm.pt", map_location="cpu", weights_only=False)["weights"])
+        model.embedding.load_state_dict({k[len("embedding."):]: v for k, v in weights.items()
+                                         if k.startswith("embedding.")})
+        model.lstm.load_state_dict({k[len("lstm."):]: v for k, v in weights.items() if k.startswith("lstm.")})
+        log(f"initial weights: embedding + LSTM from {source}/lm.pt")
+        return model, {k[len("lm_head."):]: v for k, v in weights.items() if k.startswith("lm_head.")}
+    if args.word_vectors == "word2vec":
+        if corpus is None:
+            raise SystemExit("word2vec needs the tokenised archive: with --pack, give --init-from or --word-vectors none")
         sentences = [corpus.tokens["train"][i] for i in split.train] + corpus.tokens["unsup"]
         matrix = word2vec_matrix(vocab, sentences, args.embedding_dim, args.w2v_epochs, args.seed,
                                  Path(args.cache_dir), args.workers)
         model.embedding.weight.data.copy_(torch.from_numpy(matrix))
-    return model
+    return model, None
 
 
-def encode(vocab: Vocabulary, token_lists: Sequence[list[str]], truncate: bool) -> list[list[int]]:
-    """Token lists → id lists, cut to the classifier's length (keep the end) when ``truncate``."""
-    if truncate:
-        return [vocab.encode_tokens(t).ids for t in token_lists]
-    return [vocab.lookup(t) for t in token_lists]
-
-
-def stage_language_model(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, vocab: Vocabulary,
-                         model: SentimentLSTM, state: RunState, timebox: TimeBox) -> dict | None:
+def stage_language_model(args: argparse.Namespace, encoded: EncodedCorpus, split: Split, vocab: Vocabulary,
+                         model: SentimentLSTM, state: RunState, timebox: TimeBox,
+                         head_weights: dict | None = None) -> dict | None:
     """Model (word-vector init) → model with a pre-trained embedding + LSTM; returns the phase report.
 
     Trains on the full, untruncated text of the training part + unsup; validation reviews only give
@@ -302,17 +357,14 @@ def stage_language_model(args: argparse.Namespace, corpus: TokenizedCorpus, spli
         done = state.info.get("phases", {}).get("lm")
         return None if done is None else {"history": done["history"], "config": done.get("config"),
                                           "seconds": round(sum(h.get("seconds", 0) for h in done["history"]), 1)}
-    train_tokens = [corpus.tokens["train"][i] for i in split.train] + corpus.tokens["unsup"]
-    texts = [np.asarray(ids, dtype=np.int32) for ids in encode(vocab, train_tokens, truncate=False) if ids]
-    held_out = [np.asarray(ids, dtype=np.int32)
-                for ids in encode(vocab, [corpus.tokens["train"][i] for i in split.validation], truncate=False) if ids]
+    texts = [x for x in [encoded.train[i] for i in split.train] + encoded.unsup if len(x)]
+    held_out = [x for x in (encoded.train[i] for i in split.validation) if len(x)]
     probe = None
     if args.probe_reviews > 0:
         pick = random.Random(args.seed).sample(split.train, min(args.probe_reviews, len(split.train)))
-        labels = corpus.labels["train"]
-        p_train = (encode(vocab, [corpus.tokens["train"][i] for i in pick], True), [labels[i] for i in pick])
-        p_val = (encode(vocab, [corpus.tokens["train"][i] for i in split.validation], True),
-                 [labels[i] for i in split.validation])
+        labels = encoded.labels
+        p_train = (encoded.truncated(pick, vocab), [labels[i] for i in pick])
+        p_val = (encoded.truncated(split.validation, vocab), [labels[i] for i in split.validation])
 
         def probe(m: SentimentLSTM) -> float:
             return probe_accuracy(m, p_train, p_val, use_bf16(args))
@@ -322,24 +374,24 @@ def stage_language_model(args: argparse.Namespace, corpus: TokenizedCorpus, spli
                    clip=args.lm_clip, bf16=use_bf16(args), eval_tokens=args.lm_eval_tokens)
     log(f"language model: {sum(len(t) + 1 for t in texts):,} tokens per epoch from {len(texts):,} reviews, "
         f"{len(held_out):,} held-out reviews; {'bf16' if cfg.bf16 else 'fp32'}")
-    return pretrain_language_model(model, texts, held_out, cfg, args.seed, state, timebox, probe, log)
+    return pretrain_language_model(model, texts, held_out, cfg, args.seed, state, timebox, probe, log, head_weights)
 
 
 def evaluate_split(model: SentimentLSTM, ids: list[list[int]], labels: list[int]) -> dict:
     """Metrics of an eager model on encoded reviews (fp32, eval mode)."""
     model.eval()
-    return compute_metrics(predict_ids(model, ids, torch.device("cpu")), labels)
+    return compute_metrics(predict_ids(model, ids, next(model.parameters()).device), labels)
 
 
-def stage_fine_tune(args: argparse.Namespace, corpus: TokenizedCorpus, split: Split, vocab: Vocabulary,
+def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Split, vocab: Vocabulary,
                     model: SentimentLSTM, state: RunState, timebox: TimeBox) -> tuple[dict, dict]:
     """Pre-trained model → sentiment classifier (weights averaged); returns (report, validation metrics).
 
     Also writes the validation predictions to --state-dir for paired comparisons (training.compare).
     """
-    labels = corpus.labels["train"]
-    train = (encode(vocab, [corpus.tokens["train"][i] for i in split.train], True), [labels[i] for i in split.train])
-    val_ids = encode(vocab, [corpus.tokens["train"][i] for i in split.validation], True)
+    labels = encoded.labels
+    train = (encoded.truncated(split.train, vocab), [labels[i] for i in split.train])
+    val_ids = encoded.truncated(split.validation, vocab)
     val_labels = [labels[i] for i in split.validation]
     cfg = FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, group_decay=args.lr_group_decay,
                          gradual_unfreezing=args.gradual_unfreezing, warmup_fraction=args.warmup_fraction,
@@ -349,15 +401,15 @@ def stage_fine_tune(args: argparse.Namespace, corpus: TokenizedCorpus, split: Sp
     report = fine_tune(model, train, cfg, args.seed, state, timebox, lambda m: evaluate_split(m, val_ids, val_labels),
                        log)
     model.eval()
-    probs = predict_ids(model, val_ids, torch.device("cpu"))
-    keys = [corpus.keys["train"][i] for i in split.validation]
+    probs = predict_ids(model, val_ids, next(model.parameters()).device)
+    keys = [encoded.keys[i] for i in split.validation]
     (state.dir / "validation_predictions.json").write_text(json.dumps(
         {"split": split.summary(), "labels": dict(zip(keys, val_labels)),
          "probabilities": {k: round(p, 6) for k, p in zip(keys, probs)}}) + "\n", encoding="utf-8")
     return report, compute_metrics(probs, val_labels)
 
 
-def model_card(args: argparse.Namespace, model: SentimentLSTM, corpus: TokenizedCorpus, split: Split,
+def model_card(args: argparse.Namespace, model: SentimentLSTM, encoded: EncodedCorpus, split: Split,
                lm_report: dict | None, ft_report: dict, validation: dict, state: RunState) -> dict:
     """Everything the artifacts should say about how the model was made."""
     config = ModelConfig(len(model.embedding.weight), args.embedding_dim, args.hidden_size, args.layers, args.dropout)
@@ -382,17 +434,19 @@ def model_card(args: argparse.Namespace, model: SentimentLSTM, corpus: Tokenized
             "epochs_run": len(ft_report["history"]),
             "best_epoch": len(ft_report["history"]),
             "train_seconds": round(ft_report.get("seconds", 0) + ((lm_report or {}).get("seconds") or 0), 1),
-            "cpu_hours": round(sum(s.get("seconds", 0) * s.get("threads", 1) for s in sessions) / 3600, 2),
+            "cpu_hours": round(sum(s.get("seconds", 0) * s.get("threads", 1) for s in sessions
+                                   if s.get("device", "cpu") == "cpu") / 3600, 2),
+            "gpu_minutes": round(sum(s.get("seconds", 0) for s in sessions if s.get("device") == "cuda") / 60, 1),
             "hardware": {"machine": platform.machine(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
                          "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                          "python": platform.python_version()},
         },
         "data": {"source": "Large Movie Review Dataset v1.0 (aclImdb, Maas et al. 2011)",
-                 "archive_sha256": corpus.data_sha256,
+                 "archive_sha256": encoded.data_sha256,
                  "split": split.summary(),
                  "train_reviews": len(split.train), "validation_reviews": len(split.validation),
-                 "unsup_reviews_for_pretraining": len(corpus.tokens["unsup"]),
-                 "test_reviews": len(corpus.tokens["test"])},
+                 "unsup_reviews_for_pretraining": len(encoded.unsup),
+                 "test_reviews": encoded.n_test},
         "metrics": {"validation": {**validation, "split": split.kind}},
         "baseline": {"tfidf_logistic_regression_test_accuracy": 0.906,
                      "note": "word 1-2-grams, sublinear tf, fitted on the 25k training reviews"},
@@ -432,23 +486,34 @@ def main(argv: Sequence[str] | None = None, handle_signals: bool = False) -> int
     if args.threads:
         torch.set_num_threads(args.threads)
     timebox = TimeBox(args.stop_after_minutes, args.stop_after_steps, args.checkpoint_every_minutes, handle_signals)
+    device = training_device(args)
     session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
-               "precision": "bf16" if use_bf16(args) else "fp32"}
+               "precision": "bf16" if use_bf16(args) else "fp32", "device": device.type}
+    if device.type == "cuda":
+        session["gpu"] = torch.cuda.get_device_name(device)
     state.info.setdefault("sessions", []).append(session)
 
     def end_session(reached: str) -> None:
         session.update({"seconds": round(time.time() - started, 1), "reached": reached})
         state.save_info()
 
-    corpus = stage_data(args)
-    split = stage_split(args, corpus)
+    corpus: TokenizedCorpus | None = None
+    if args.pack:
+        encoded, split, vocab = stage_pack(args, state)
+    else:
+        corpus = stage_data(args)
+        split = stage_split(args, corpus)
+        vocab = stage_vocabulary(args, corpus, split, state)
+        encoded = encode_corpus(corpus, vocab)
     state.info["split"] = split.summary()
-    vocab = stage_vocabulary(args, corpus, split, state)
-    model = stage_word_vectors(args, corpus, split, vocab, state)
+    model, head_weights = stage_word_vectors(args, corpus, split, vocab, state)
+    model.to(device)
+    log(f"long phases on {device.type}" + (f" ({session['gpu']})" if "gpu" in session else "")
+        + f", {'bf16 autocast' if use_bf16(args) else 'fp32'}")
     try:
-        lm_report = stage_language_model(args, corpus, split, vocab, model, state, timebox)
+        lm_report = stage_language_model(args, encoded, split, vocab, model, state, timebox, head_weights)
         end_session("language model done")
-        ft_report, validation = stage_fine_tune(args, corpus, split, vocab, model, state, timebox)
+        ft_report, validation = stage_fine_tune(args, encoded, split, vocab, model, state, timebox)
     except TimeBoxReached as stop:
         end_session(f"{stop.phase}: {stop.where}")
         log(f"stopped ({timebox.reason()}) in {stop.phase} at {stop.where}; state saved in {state.dir}/ "
@@ -457,9 +522,12 @@ def main(argv: Sequence[str] | None = None, handle_signals: bool = False) -> int
         return 0
     end_session("fine-tuning done")
     log(f"validation ({split.kind} split): {json.dumps(validation)}")
-    card = model_card(args, model, corpus, split, lm_report, ft_report, validation, state)
+    card = model_card(args, model, encoded, split, lm_report, ft_report, validation, state)
     out = stage_export(model, vocab, card, args.out)
-    if not args.no_test:
+    if corpus is None and not args.no_test:
+        log("test: skipped (a pack holds no test reviews); export again where the archive is: the same command "
+            "without --pack exports the finished run and scores it")
+    elif not args.no_test:
         stage_test(out, corpus, model, vocab, card)
     return 0
 
