@@ -119,7 +119,10 @@ def lm_chunk_loss(model: SentimentLSTM, head: NextTokenHead, inputs: torch.Tenso
         h, hidden = model.lstm(x, hidden)  # (R, T, H); hidden: 2 × (layers, R, H)
         h = F.dropout(h, dropout, model.training)
         scored = targets != PAD_ID  # (R, T)
-        loss = head.loss(h[scored], targets[scored])  # (N, H), (N,) → ()
+        h = h[scored]  # (N, H)
+        if h.is_cuda:  # CUDA autocast gives the adaptive softmax fp32 log-probs to copy into an input-typed buffer
+            h = h.float()
+        loss = head.loss(h, targets[scored])  # (N, H), (N,) → ()
     return loss.float(), int(scored.sum()), hidden
 
 
