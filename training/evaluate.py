@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 …")
     parser.add_argument("--url", default=None, help="score through a running service at this base URL instead")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON only")
+    parser.add_argument("--predictions", default=None,
+                        help="also write every review's probability here (the format training.compare reads, "
+                        "for a paired comparison of two models on the test set)")
     args = parser.parse_args(argv)
 
     reviews = read_imdb(args.data, ("test",))["test"]
@@ -129,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         version = engine.version
         probs = predict_texts(engine, texts)
     metrics = compute_metrics(probs, [r.label for r in reviews])
+    if args.predictions:
+        Path(args.predictions).write_text(json.dumps(
+            {"model": version, "labels": {r.key: r.label for r in reviews},
+             "probabilities": {r.key: round(p, 6) for r, p in zip(reviews, probs)}}) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(metrics))
     else:
