@@ -52,14 +52,15 @@ def load_reviews(source: str, n: int, seed: int) -> list[str]:
     return [r.text for r in reviews[:n]]
 
 
-def _ceiling_worker(artifacts: str, texts: list[str], batch_size: int, repeats: int, start: Any) -> dict[str, float]:
-    """One core's share of the offline ceiling: load, warm up, wait for the others, then score."""
+def _ceiling_worker(artifacts: str, texts: list[str], batch_size: int, repeats: int, start: Any,
+                    device: str = "cpu") -> dict[str, float]:
+    """One core's (or the GPU's) share of the offline ceiling: load, warm up, wait for the others, then score."""
     import torch
 
     from sentiment.engine import ScoreRequest, SentimentEngine
 
     torch.set_num_threads(1)
-    engine = SentimentEngine.load(artifacts, "cpu")
+    engine = SentimentEngine.load(artifacts, device)
     engine.warm_up()
     start.wait()
     best: dict[str, float] = {}
@@ -77,18 +78,18 @@ def _ceiling_worker(artifacts: str, texts: list[str], batch_size: int, repeats: 
 
 
 def offline_ceiling(artifacts: Path, texts: list[str], batch_size: int, processes: int,
-                    repeats: int = 2) -> dict[str, float]:
+                    repeats: int = 2, device: str = "cpu") -> dict[str, float]:
     """Score ``texts`` through the engine's one entry (the service's own scoring path), ``batch_size``
     at a time, no HTTP, split over ``processes`` processes at one torch thread each, started
-    together: the best the model can do on these cores. Each process scores the whole list, so the
-    ceiling is processes × texts ÷ the slowest process's time."""
+    together: the best the model can do on these cores (on a GPU: one process). Each process scores
+    the whole list, so the ceiling is processes × texts ÷ the slowest process's time."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     context = mp.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
         start = manager.Barrier(processes)
-        parts = [pool.submit(_ceiling_worker, str(artifacts), texts, batch_size, repeats, start)
+        parts = [pool.submit(_ceiling_worker, str(artifacts), texts, batch_size, repeats, start, device)
                  for _ in range(processes)]
         runs = [f.result() for f in parts]
     slowest = max(r["seconds"] for r in runs)
@@ -212,7 +213,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     ax2.set_yscale("log")
-    fig.suptitle(f"LSTM sentiment service — {results['machine']['cpus']} CPU cores, one review per request")
+    where = results["machine"].get("gpu") or f"{results['machine']['cpus']} CPU cores"
+    fig.suptitle(f"LSTM sentiment service — {where}, one review per request")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -256,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="service configurations to measure")
     p.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
                    help="extra SENTIMENT_* settings for every configuration (tuning runs)")
-    p.add_argument("--processes", type=int, default=None, help="offline-ceiling processes (default: usable cores)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="offline-ceiling processes (default: usable cores; 1 on CUDA)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="SENTIMENT_DEVICE of the service and the device of the offline ceiling (auto: CUDA if present)")
     p.add_argument("--port", type=int, default=8765, help="port of the service under test")
     p.add_argument("--seed", type=int, default=0, help="which test reviews are sampled")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where results.json and the plot go")
@@ -272,24 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     bodies.write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
     import torch
 
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(), "device": device,
+                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
         "reviews": len(texts), "seconds_per_level": args.seconds, "concurrency": args.concurrency,
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     from app.workers import usable_cpus
 
-    processes = args.processes or usable_cpus()
+    processes = args.processes or (1 if device == "cuda" else usable_cpus())
     print(f"offline ceiling: {len(texts)} reviews in batches of {args.offline_batch}, {processes} processes …", flush=True)
-    results["offline_ceiling"] = offline_ceiling(Path(args.artifacts), texts, args.offline_batch, processes)
+    results["offline_ceiling"] = offline_ceiling(Path(args.artifacts), texts, args.offline_batch, processes,
+                                                 device=device)
     print(f"  {results['offline_ceiling']['reviews_per_s']:.0f} reviews/s", flush=True)
 
     results["service"] = {}
     for name in args.configs:
-        extra = dict(e.split("=", 1) for e in args.env)
+        extra = {"SENTIMENT_DEVICE": args.device, **dict(e.split("=", 1) for e in args.env)}
         server = Server(Path(args.artifacts), {**extra, **CONFIGS[name]}, args.port)
         try:
             run_wrk(server.base, bodies, max(args.concurrency), args.warmup_seconds)
