@@ -28,7 +28,9 @@ def test_model_card_reports_the_full_test_set() -> None:
     card = json.loads((SHIPPED / "model_card.json").read_text())
     test = card["metrics"]["test"]
     assert test["n"] == 25_000
-    assert test["accuracy"] >= 0.906  # beats the TF-IDF + logistic regression baseline
+    assert test["accuracy"] >= 0.925  # issue 12's bar (the TF-IDF + logistic regression baseline: 0.906)
+    # Validated on movies that no training review shares (IMDB's test movies are disjoint from train's).
+    assert card["data"]["split"]["kind"] == "movie" and card["metrics"]["validation"]["split"] == "movie"
     assert set(test) >= {"accuracy", "precision", "recall", "f1", "confusion_matrix"}
     assert card["data"]["archive_sha256"] and card["training"]["hardware"]
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 30 * 1024 * 1024
@@ -46,4 +48,4 @@ def test_shipped_model_is_right_on_clear_reviews_and_its_trace_moves() -> None:
             assert trace[-1] == pytest.approx(p["probability"], abs=1e-6)
             assert max(trace) - min(trace) > 0.1  # the running sentiment really moves as it reads
         info = client.get("/v1/model").json()
-        assert info["metrics"]["test"]["accuracy"] >= 0.906
+        assert info["metrics"]["test"]["accuracy"] >= 0.925

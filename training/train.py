@@ -409,6 +409,23 @@ def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Spl
     return report, compute_metrics(probs, val_labels)
 
 
+def run_cost(sessions: list[dict]) -> dict:
+    """CPU-hours (seconds × torch threads of CPU sessions) and GPU minutes of a run's sessions."""
+    return {"cpu_hours": round(sum((s.get("seconds") or 0) * s.get("threads", 1) for s in sessions
+                                   if s.get("device", "cpu") == "cpu") / 3600, 2),
+            "gpu_minutes": round(sum((s.get("seconds") or 0) for s in sessions if s.get("device") == "cuda") / 60, 1)}
+
+
+def initialised_from(args: argparse.Namespace) -> dict | None:
+    """What the --init-from run was and cost (its recipe, LM history and sessions' cost), for the card."""
+    if not args.init_from:
+        return None
+    info = json.loads((Path(args.init_from) / "run.json").read_text(encoding="utf-8"))
+    return {"state_dir": args.init_from, "recipe": info.get("recipe"),
+            "language_model_history": info.get("phases", {}).get("lm", {}).get("history"),
+            **run_cost(info.get("sessions", []))}
+
+
 def model_card(args: argparse.Namespace, model: SentimentLSTM, encoded: EncodedCorpus, split: Split,
                lm_report: dict | None, ft_report: dict, validation: dict, state: RunState) -> dict:
     """Everything the artifacts should say about how the model was made."""
@@ -434,9 +451,9 @@ def model_card(args: argparse.Namespace, model: SentimentLSTM, encoded: EncodedC
             "epochs_run": len(ft_report["history"]),
             "best_epoch": len(ft_report["history"]),
             "train_seconds": round(ft_report.get("seconds", 0) + ((lm_report or {}).get("seconds") or 0), 1),
-            "cpu_hours": round(sum(s.get("seconds", 0) * s.get("threads", 1) for s in sessions
-                                   if s.get("device", "cpu") == "cpu") / 3600, 2),
-            "gpu_minutes": round(sum(s.get("seconds", 0) for s in sessions if s.get("device") == "cuda") / 60, 1),
+            **run_cost(sessions),
+            # A run started from another run's language model (--init-from) also cost that run.
+            "initialised_from": initialised_from(args),
             "hardware": {"machine": platform.machine(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
                          "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                          "python": platform.python_version()},
