@@ -81,6 +81,9 @@ def test_init_from_starts_where_the_other_language_model_ended(finished_run) -> 
     assert train.main([f for f in flags if f not in ("--pack", str(out))]) == 0
     card = json.loads((tmp / "d" / "art" / "model_card.json").read_text())
     assert card["metrics"]["test"]["n"] == 24 and card["training"]["gpu_minutes"] == 0
+    origin = card["training"]["initialised_from"]  # the cost and LM history of the run it started from
+    assert origin["state_dir"] == str(tmp / "a" / "state") and origin["cpu_hours"] >= 0
+    assert [e["epoch"] for e in origin["language_model_history"]] == [0, 1, 2]
 
 
 def test_pack_refuses_another_runs_vocabulary(finished_run) -> None:
