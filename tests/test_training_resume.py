@@ -81,3 +81,6 @@ def test_a_continuation_cannot_change_the_recipe(uninterrupted, capsys) -> None:
     # Fine-tuning flags stay open until fine-tuning starts (another recipe on the same language model).
     assert train.main(flags + ["--adv-eps", "1.5", "--stop-after-steps", "1"]) == 0
     assert "adv_eps changed from 5.0 to 1.5" in capsys.readouterr().out
+    # A flag written with its default value (adversarial training off) still counts as given.
+    assert train.main(flags + ["--adv-eps", "0", "--stop-after-steps", "1"]) == 0
+    assert "adv_eps changed from 1.5 to 0.0" in capsys.readouterr().out

@@ -47,7 +47,7 @@ class FineTuneConfig:
     rewarm_steps: int = 100
     weight_decay: float = 0.01
     ema_decay: float = 0.998
-    adv_eps: float = 5.0
+    adv_eps: float = 0.0
     adv_weight: float = 1.0
     aux_weight: float = 0.2
     clip: float = 1.0

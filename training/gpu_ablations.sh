@@ -20,12 +20,16 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# One change each from run 2's recipe (read from its run.json; a flag given here overrides it, even
+# at its default value). "No adversarial training" was measured on CPU already (no difference); raw
+# against averaged weights is in every run's history.
 declare -A VARIANTS=(
-  [no-adversarial]="--adv-eps 0"
   [no-gradual-unfreezing]="--no-gradual-unfreezing"
   [one-learning-rate]="--lr-group-decay 1"
   [no-per-step-loss]="--aux-weight 0"
+  [longer-fine-tuning]="--epochs 12"
 )
+pids=()
 for name in "${!VARIANTS[@]}"; do
   state=/tmp/ablation/$name
   rm -rf "$state" && mkdir -p "$state"
@@ -42,8 +46,9 @@ PY
     --out "$state-art" --no-test --device "$DEVICE" --precision bf16 \
     --stop-after-minutes "$(python3 -c "print($BUDGET_S / 60 - 0.5)")" ${VARIANTS[$name]} $EXTRA \
     > "/tmp/ablation/$name.log" 2>&1 &
+  pids+=($!)
 done
-wait
+wait "${pids[@]}" || true  # (a bare `wait` would also wait for the tee above, forever)
 mkdir -p /tmp/ablation-out
 for name in "${!VARIANTS[@]}"; do
   mkdir -p "/tmp/ablation-out/$name"
