@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     bodies.write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
