@@ -19,10 +19,10 @@
 #
 # Without --prepare (on the GPU machine): installs the wheels into /tmp/site; checks the imports;
 # starts the service once with SENTIMENT_DEVICE=auto and prints what GET /v1/model reports (device,
-# model workers); measures an offline ceiling on CUDA (the service's scoring path, no HTTP); runs
-# benchmarks.run (default and "batching off", 1/8/32/64 clients, 10 s each); prints a summary.
+# model workers); runs benchmarks.run --device auto, whose offline ceiling then runs on CUDA too
+# (default and "batching off", 1/8/32/64 clients, 10 s each); prints a summary.
 # Writes under $OUT (runs/gpu-bench when OUT is unset): session.log, model_info.json,
-# ceiling_cuda.json, bench/results.json, bench/throughput.png. About 4 minutes on an H200.
+# bench/results.json, bench/throughput.png. About 4 minutes on an H200.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -227,41 +227,6 @@ if not str(info.get("device", "")).startswith("cuda"):
     print("WARNING: the service is NOT on CUDA")
 PY
 
-step "offline ceiling on CUDA (one process, 2 repeats, best; the service's scoring path, no HTTP)"
-python3 - "$SAMPLE" "$N_REVIEWS" "$SEED" "$OUT_DIR/ceiling_cuda.json" <<'PY' || echo "CUDA ceiling failed (continuing)"
-# benchmarks.run's _ceiling_worker, on CUDA: batches of 256 (its --offline-batch) and of 64 (the
-# service's default SENTIMENT_MAX_BATCH_SIZE).
-import json, sys, time
-
-import torch
-
-from benchmarks.run import load_reviews
-from sentiment.engine import ScoreRequest, SentimentEngine
-
-texts = load_reviews(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
-torch.set_num_threads(1)
-engine = SentimentEngine.load("model_artifacts", "cuda")
-engine.warm_up()
-out = {"device": str(engine.device), "reviews": len(texts)}
-for batch_size in (256, 64):
-    best = None
-    for _ in range(2):
-        t0 = time.perf_counter()
-        tok = fwd = 0.0
-        for i in range(0, len(texts), batch_size):
-            b = engine.score([ScoreRequest(t) for t in texts[i : i + batch_size]])
-            tok += b.tokenize_seconds
-            fwd += b.forward_seconds
-        total = time.perf_counter() - t0
-        if best is None or total < best["seconds"]:
-            best = {"seconds": total, "reviews_per_s": len(texts) / total,
-                    "tokenize_ms_per_review": 1000 * tok / len(texts), "forward_ms_per_review": 1000 * fwd / len(texts)}
-    out[f"batch_{batch_size}"] = best
-    print(f"batch {batch_size}: {best['reviews_per_s']:.0f} reviews/s (tokenise {best['tokenize_ms_per_review']:.2f} "
-          f"+ forward {best['forward_ms_per_review']:.2f} ms/review)")
-json.dump(out, open(sys.argv[4], "w"), indent=2)
-PY
-
 step "benchmarks.run"
 timeout -k 15 330 python3 -m benchmarks.run --data "$SAMPLE" --reviews "$N_REVIEWS" --seed "$SEED" \
   --configs default "batching off" --concurrency 1 8 32 64 --seconds 10 --warmup-seconds 3 \
@@ -275,20 +240,13 @@ from pathlib import Path
 d = Path(sys.argv[1])
 res = json.loads((d / "bench/results.json").read_text())
 info = json.loads((d / "model_info.json").read_text())
-cuda_path = d / "ceiling_cuda.json"
-cuda = json.loads(cuda_path.read_text()) if cuda_path.exists() else {}
-off = res["offline_ceiling"]
-ceiling = cuda.get("batch_256", {}).get("reviews_per_s") or off["reviews_per_s"]
+off = res["offline_ceiling"]  # on CUDA (benchmarks.run --device auto), one process
+ceiling = off["reviews_per_s"]
 m = res["machine"]
 print(f"service: device {info.get('device')}, {info.get('workers')} model workers, {info.get('precision')}; "
       f"torch {m['torch']}, {m['cpus']} CPUs ({m['processor']})")
-print(f"offline ceiling: benchmarks.run {off['reviews_per_s']:.0f} reviews/s ({off['processes']} process(es); "
+print(f"offline ceiling on {m['device']} ({m['gpu']}): {off['reviews_per_s']:.0f} reviews/s ({off['processes']} process(es); "
       f"tokenise {off['tokenize_ms_per_review']:.2f} + forward {off['forward_ms_per_review']:.2f} ms/review)")
-for k in ("batch_256", "batch_64"):
-    if k in cuda:
-        c = cuda[k]
-        print(f"offline ceiling on {cuda['device']}, {k.replace('_', ' ')}: {c['reviews_per_s']:.0f} reviews/s "
-              f"(tokenise {c['tokenize_ms_per_review']:.2f} + forward {c['forward_ms_per_review']:.2f} ms/review)")
 print(f"| config | clients | reviews/s | x ceiling ({ceiling:.0f}) | p50 ms | p99 ms | p99/p50 | mean batch | errors |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for name, rows in res["service"].items():
