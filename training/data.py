@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from sentiment.artifacts import file_sha256
-from sentiment.imdb import read_imdb
+from sentiment.imdb import read_imdb, read_movie_ids
 from sentiment.text import UNK_ID, Tokenizer, TokenizerSettings, Vocabulary
 
 
@@ -136,6 +136,13 @@ def movie_grouped_split(keys: list[str], movie_of: dict[str, str], fraction: flo
     held_set = set(held)
     train = [i for i in range(len(keys)) if i not in held_set]
     return Split("movie", seed, train, sorted(held), validation_movies=n_held, train_movies=len(movies) - n_held)
+
+
+def make_split(kind: str, data: str | Path, keys: list[str], fraction: float, seed: int) -> Split:
+    """The run's validation split of train/ reviews ``keys``: by movie (movie ids read from ``data``) or random."""
+    if kind == "movie":
+        return movie_grouped_split(keys, read_movie_ids(data, ("train",)), fraction, seed)
+    return random_split(len(keys), fraction, seed)
 
 
 def random_split(n: int, fraction: float, seed: int) -> Split:

@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

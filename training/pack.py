@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from sentiment.imdb import read_movie_ids
 from sentiment.text import TokenizerSettings, Vocabulary
-from training.data import encode_corpus, load_tokenized, movie_grouped_split, random_split, save_pack
+from training.data import encode_corpus, load_tokenized, make_split, save_pack
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,16 +30,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=".pack/corpus.xz", help="pack file to write")
     args = p.parse_args(argv)
     state = Path(args.state_dir)
-    recipe = json.loads((state / "run.json").read_text(encoding="utf-8"))["recipe"]
+    run = json.loads((state / "run.json").read_text(encoding="utf-8"))
+    recipe = run["recipe"]
     vocab = Vocabulary.load(state / "vocab.json")
     t0 = time.time()
     corpus = load_tokenized(args.data, TokenizerSettings(max_tokens=recipe["max_tokens"]), args.cache_dir, args.workers)
-    keys = corpus.keys["train"]
-    if recipe["split"] == "movie":
-        split = movie_grouped_split(keys, read_movie_ids(args.data, ("train",)), recipe["val_fraction"], recipe["seed"])
-    else:
-        split = random_split(len(keys), recipe["val_fraction"], recipe["seed"])
-    if split.summary() != json.loads((state / "run.json").read_text(encoding="utf-8")).get("split", split.summary()):
+    split = make_split(recipe["split"], args.data, corpus.keys["train"], recipe["val_fraction"], recipe["seed"])
+    if split.summary() != run.get("split", split.summary()):
         raise SystemExit(f"the split made from {args.data} differs from the one {state} records")
     path = save_pack(args.out, encode_corpus(corpus, vocab), split, vocab)
     print(f"packed {len(corpus.tokens['train'])} + {len(corpus.tokens['unsup'])} reviews ({split.kind} split, "

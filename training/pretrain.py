@@ -209,13 +209,19 @@ def lm_weights(model: SentimentLSTM, head: NextTokenHead) -> dict[str, torch.Ten
     return out
 
 
-def load_lm_weights(model: SentimentLSTM, head: NextTokenHead, weights: dict[str, torch.Tensor]) -> None:
+def lm_parts(weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """The state dicts of the embedding, the LSTM and the next-token head in :func:`lm_weights`' output."""
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
-    model.embedding.load_state_dict(part("embedding."))
-    model.lstm.load_state_dict(part("lstm."))
-    head.load_state_dict(part("lm_head."))
+    return part("embedding."), part("lstm."), part("lm_head.")
+
+
+def load_lm_weights(model: SentimentLSTM, head: NextTokenHead, weights: dict[str, torch.Tensor]) -> None:
+    embedding, lstm, lm_head = lm_parts(weights)
+    model.embedding.load_state_dict(embedding)
+    model.lstm.load_state_dict(lstm)
+    head.load_state_dict(lm_head)
 
 
 def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], held_out: Sequence[np.ndarray],

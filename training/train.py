@@ -32,7 +32,7 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -41,14 +41,13 @@ import numpy as np
 import torch
 
 from sentiment.artifacts import cpu_has_bf16, cpu_model, export_artifacts, load_artifacts
-from sentiment.imdb import read_movie_ids
 from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
 from training.data import (EncodedCorpus, Split, TokenizedCorpus, encode_corpus, load_pack, load_tokenized,
-                           movie_grouped_split, random_split)
+                           make_split)
 from training.evaluate import compute_metrics, predict_ids
 from training.finetune import FineTuneConfig, fine_tune
-from training.pretrain import LMConfig, pretrain_language_model, probe_accuracy
+from training.pretrain import LMConfig, lm_parts, pretrain_language_model, probe_accuracy
 from training.state import RunState, TimeBox, TimeBoxReached, expand
 
 # Flags that define the run: fixed when a run starts, read back from run.json when it continues.
@@ -194,7 +193,7 @@ def use_bf16(args: argparse.Namespace) -> bool:
     return cpu_has_bf16()
 
 
-def adopt_recipe(args: argparse.Namespace, state: RunState, given_on_command_line: set[str] | None = None) -> None:
+def adopt_recipe(args: argparse.Namespace, state: RunState, given_on_command_line: set[str]) -> None:
     """Start a new run's recipe in run.json, or read a continuing run's recipe back into ``args``.
 
     A flag given on the command line that contradicts the stored recipe is an error (start a new run
@@ -216,9 +215,7 @@ def adopt_recipe(args: argparse.Namespace, state: RunState, given_on_command_lin
                 return not (state.dir / f"{phase}.pt").is_file()
         return False
 
-    explicit = given_on_command_line if given_on_command_line is not None else {
-        k for k in RECIPE if current[k] != defaults[k]}
-    given = [k for k in RECIPE if k in explicit and current[k] != stored.get(k)]
+    given = [k for k in RECIPE if k in given_on_command_line and current[k] != stored.get(k)]
     clashes = [f"--{k.replace('_', '-')} {current[k]} (run has {stored.get(k)})" for k in given if not open_to_change(k)]
     if clashes:
         raise SystemExit(f"{state.dir} holds a run with another recipe: " + "; ".join(clashes)
@@ -252,10 +249,7 @@ def stage_data(args: argparse.Namespace) -> TokenizedCorpus:
 def stage_split(args: argparse.Namespace, corpus: TokenizedCorpus) -> Split:
     """Labelled train/ reviews → (training part, validation part), by movie unless --split random."""
     keys = corpus.keys["train"]
-    if args.split == "movie":
-        split = movie_grouped_split(keys, read_movie_ids(args.data, ("train",)), args.val_fraction, args.seed)
-    else:
-        split = random_split(len(keys), args.val_fraction, args.seed)
+    split = make_split(args.split, args.data, keys, args.val_fraction, args.seed)
     if args.max_train:
         split = Split(split.kind, split.seed, split.train[: args.max_train], split.validation,
                       split.validation_movies, split.train_movies)
@@ -340,12 +334,12 @@ def stage_word_vectors(args: argparse.Namespace, corpus: TokenizedCorpus | None,
         source = Path(args.init_from)
         if Vocabulary.load(source / "vocab.json").itos != vocab.itos:
             raise SystemExit(f"--init-from {source}: its vocabulary differs from this run's")
-        weights = expand(torch.load(source / "lm.pt", map_location="cpu", weights_only=False)["weights"])
-        model.embedding.load_state_dict({k[len("embedding."):]: v for k, v in weights.items()
-                                         if k.startswith("embedding.")})
-        model.lstm.load_state_dict({k[len("lstm."):]: v for k, v in weights.items() if k.startswith("lstm.")})
+        embedding, lstm, lm_head = lm_parts(
+            expand(torch.load(source / "lm.pt", map_location="cpu", weights_only=False)["weights"]))
+        model.embedding.load_state_dict(embedding)
+        model.lstm.load_state_dict(lstm)
         log(f"initial weights: embedding + LSTM from {source}/lm.pt")
-        return model, {k[len("lm_head."):]: v for k, v in weights.items() if k.startswith("lm_head.")}
+        return model, lm_head
     if args.word_vectors == "word2vec":
         if corpus is None:
             raise SystemExit("word2vec needs the tokenised archive: with --pack, give --init-from or --word-vectors none")
