@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from sentiment.batching import length_buckets
 from sentiment.model import SentimentLSTM, pad_batch
-from training.state import RunState, TimeBox, TimeBoxReached, compact, expand, rng_state, set_rng_state
+from training.state import (RunState, TimeBox, TimeBoxReached, compact, expand, model_device, rng_state,
+                            set_rng_state)
 
 PHASE = "finetune"
 
@@ -146,7 +147,7 @@ def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cf
     checkpoint when the time box runs out. Returns the phase report for the model card.
     """
     ids_all, labels_all = train
-    device = next(model.parameters()).device
+    device = model_device(model)
     phase = state.phase(PHASE)
     groups = parameter_groups(model)
     optimizer = torch.optim.AdamW(

@@ -37,7 +37,8 @@ from torch import nn
 from sentiment.batching import length_buckets
 from sentiment.model import SentimentLSTM, pad_batch
 from sentiment.text import PAD_ID
-from training.state import RunState, TimeBox, TimeBoxReached, compact, expand, rng_state, set_rng_state
+from training.state import (RunState, TimeBox, TimeBoxReached, compact, expand, model_device, rng_state,
+                            set_rng_state)
 
 PHASE = "lm"
 
@@ -194,11 +195,6 @@ def probe_accuracy(model: SentimentLSTM, train: tuple[Sequence[list[int]], Seque
     with torch.no_grad():
         pred = (xv @ w + b) > 0
     return round(float((pred.float() == torch.tensor(validation[1], dtype=torch.float32)).float().mean()), 4)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device a model's weights are on (training runs on one device)."""
-    return next(model.parameters()).device
 
 
 def lm_weights(model: SentimentLSTM, head: NextTokenHead) -> dict[str, torch.Tensor]:

@@ -104,6 +104,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's weights are on (a training phase runs on one device)."""
+    return next(model.parameters()).device
+
+
 def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fp16 copies of floating-point tensors (halves the committed size); others unchanged."""
     return {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()) for k, v in tensors.items()}

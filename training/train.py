@@ -48,7 +48,7 @@ from training.data import (EncodedCorpus, Split, TokenizedCorpus, encode_corpus,
 from training.evaluate import compute_metrics, predict_ids
 from training.finetune import FineTuneConfig, fine_tune
 from training.pretrain import LMConfig, lm_parts, pretrain_language_model, probe_accuracy
-from training.state import RunState, TimeBox, TimeBoxReached, expand
+from training.state import RunState, TimeBox, TimeBoxReached, expand, model_device
 
 # Flags that define the run: fixed when a run starts, read back from run.json when it continues.
 RECIPE = ["split", "val_fraction", "seed", "max_train", "max_tokens", "vocab_size", "min_freq", "embedding_dim",
@@ -385,7 +385,7 @@ def stage_language_model(args: argparse.Namespace, encoded: EncodedCorpus, split
 def evaluate_split(model: SentimentLSTM, ids: list[list[int]], labels: list[int]) -> dict:
     """Metrics of an eager model on encoded reviews (fp32, eval mode)."""
     model.eval()
-    return compute_metrics(predict_ids(model, ids, next(model.parameters()).device), labels)
+    return compute_metrics(predict_ids(model, ids, model_device(model)), labels)
 
 
 def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Split, vocab: Vocabulary,
@@ -406,7 +406,7 @@ def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Spl
     report = fine_tune(model, train, cfg, args.seed, state, timebox, lambda m: evaluate_split(m, val_ids, val_labels),
                        log)
     model.eval()
-    probs = predict_ids(model, val_ids, next(model.parameters()).device)
+    probs = predict_ids(model, val_ids, model_device(model))
     keys = [encoded.keys[i] for i in split.validation]
     (state.dir / "validation_predictions.json").write_text(json.dumps(
         {"split": split.summary(), "labels": dict(zip(keys, val_labels)),
