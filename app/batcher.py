@@ -14,9 +14,12 @@ exception. Policy:
   items when the previous batch showed concurrent traffic (it had more than one item).
 * **Batches in flight**: up to ``max_in_flight`` batches run at once (one per model-worker process);
   a new batch starts as soon as one of them is free, so each worker is fed while the others run.
-  A batch takes at most its share of the outstanding work (queued + running items ÷
-  ``max_in_flight``): on CPU a batch costs about the sum of its texts, so one worker given all that
-  is queued would make those callers wait for all of it while the other workers idle.
+  While another slot is also free, a batch takes at most its share of the outstanding work (queued
+  + running items ÷ ``max_in_flight``): on CPU a batch costs about the sum of its texts, so one
+  worker given all that is queued would make those callers wait for all of it while another worker
+  idles. When this batch takes the last free slot it takes all that is queued (up to
+  ``max_batch_size`` and ``max_batch_cost``): whatever it left behind would wait for a whole
+  running batch to end, and those leftovers were the tail at high concurrency.
 * **Admission by cost**: each item carries a cost (work, not a count); the queue is bounded in
   items and in cost, and a submission that does not fit is refused whole with
   :class:`QueueFullError`, so a request is never half-queued. :meth:`estimated_wait_s` predicts the
@@ -252,21 +255,23 @@ class MicroBatcher(Generic[T, R]):
                     p.future.set_exception(BatcherClosedError(reason))
             self._forget(group)
 
-    def _batch_limit(self, taken: int = 0) -> int:
-        """Most items for the next batch (``taken`` of them already in it): ``max_batch_size``, and
-        no more than an even share of the outstanding items among the batch slots."""
+    def _limits(self, taken: int = 0, taken_cost: float = 0.0) -> tuple[int, float]:
+        """Most items and most cost for the next batch (``taken`` items of ``taken_cost`` already in
+        it). The last free slot takes up to ``max_batch_size`` / ``max_batch_cost``; while other
+        slots are free too, a batch takes no more than an even share, in items and in cost, of the
+        outstanding work (queued + running): batches of equal work take equal time."""
+        if len(self._running) >= self.max_in_flight - 1:
+            return self.max_batch_size, self.max_batch_cost
         share = math.ceil((self._depth + self._running_items + taken) / self.max_in_flight)
-        return max(1, min(self.max_batch_size, share))
+        running_cost = sum(c for _, c in self._running.values())
+        cost_share = (self._queued_cost + running_cost + taken_cost) / self.max_in_flight
+        return max(1, min(self.max_batch_size, share)), min(self.max_batch_cost, cost_share)
 
     def _take(self, batch: list[_Pending[T]]) -> None:
         """Add items, least-served submission first, until the batch is full (count or cost)."""
         cost = sum(p.cost for p in batch)
-        limit = max(len(batch), self._batch_limit(len(batch)))
-        # The same even share by cost: batches of equal work take equal time, so no caller's batch
-        # runs much longer than its neighbours' (the tail at high concurrency).
-        running_cost = sum(c for _, c in self._running.values())
-        cost_share = (self._queued_cost + running_cost + cost) / self.max_in_flight
-        cost_limit = min(self.max_batch_cost, cost_share) if self.max_in_flight > 1 else self.max_batch_cost
+        limit, cost_limit = self._limits(len(batch), cost)
+        limit = max(len(batch), limit)
         while self._turns and len(batch) < limit and (not batch or cost < cost_limit):
             served, group = heapq.heappop(self._turns)
             items = self._groups.get(group)
@@ -312,9 +317,9 @@ class MicroBatcher(Generic[T, R]):
             batch: list[_Pending[T]] = []
             self._take(batch)
             # Linger for more only when traffic is concurrent; a lone request never waits.
-            if self._last_batch_size > 1 and len(batch) < self._batch_limit(len(batch)) and self.max_wait_s > 0:
+            if self._last_batch_size > 1 and len(batch) < self._limits(len(batch))[0] and self.max_wait_s > 0:
                 deadline = loop.time() + self.max_wait_s
-                while len(batch) < self._batch_limit(len(batch)) and not self._closing:
+                while len(batch) < self._limits(len(batch))[0] and not self._closing:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break

@@ -241,3 +241,39 @@ async def test_batches_run_side_by_side_up_to_max_in_flight_and_stop_waits_for_t
         assert await asyncio.gather(*(batcher.submit_many([i]) for i in range(4))) == [[0], [2], [4], [6]]
         assert most[0] == 2
         await batcher.stop()
+
+
+async def test_last_free_slot_takes_all_that_is_queued_while_free_slots_share_it() -> None:
+    """Two batch slots. Both free: ten waiting texts are split evenly (5 + 5), so neither worker
+    idles. One busy: the last free slot takes all ten, because any left behind would wait for the
+    busy batch to end (the straggler tail at high concurrency)."""
+    started: list[list[int]] = []
+    release = threading.Event()
+
+    def process(items: list[int]) -> list[int]:
+        started.append(list(items))
+        release.wait(5)
+        return items
+
+    with ThreadPoolExecutor(2) as ex:
+        batcher = MicroBatcher(process, ex, max_batch_size=64, max_wait_s=0, max_queue=100, max_in_flight=2)
+        batcher.start()
+        both_free = asyncio.gather(*(batcher.submit_many([i]) for i in range(10)))
+        while len(started) < 2:
+            await asyncio.sleep(0.005)
+        assert sorted(len(b) for b in started) == [5, 5]
+        release.set()
+        await both_free
+
+        release.clear()
+        started.clear()
+        busy = asyncio.ensure_future(batcher.submit_many([100]))
+        while not started:
+            await asyncio.sleep(0.005)
+        burst = asyncio.gather(*(batcher.submit_many([i]) for i in range(10)))
+        while len(started) < 2:
+            await asyncio.sleep(0.005)
+        assert started == [[100], list(range(10))]
+        release.set()
+        assert await burst == [[i] for i in range(10)] and await busy == [100]
+        await batcher.stop()

@@ -7,16 +7,18 @@ real signals.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.process import ServiceProcess
-from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, cgroup_cpu_limit, usable_cpus
+from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, cgroup_cpu_limit, freeze_heap, usable_cpus
 from sentiment.engine import ScoreRequest, SentimentEngine
 
 TEXTS = ["good", "a great film", "the movie was awful !", "bad bad bad , the film was awful",
@@ -181,3 +183,23 @@ def test_sigterm_drains_every_worker(tiny_artifacts: Path) -> None:
     assert any(done > signalled for _, done in answers), "nothing was in flight at SIGTERM: make the load heavier"
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_freeze_heap_keeps_loaded_objects_out_of_collections_and_still_collects_new_garbage() -> None:
+    """What the front and every worker call once loaded: what exists then is frozen (a full
+    collection no longer walks it); cyclic garbage made afterwards is still collected."""
+    class Node:
+        pass
+
+    loaded = [Node() for _ in range(1000)]
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() >= len(loaded)
+        garbage = Node()
+        garbage.me = garbage  # a reference cycle: only the collector can free it
+        gone = weakref.ref(garbage)
+        del garbage
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
