@@ -282,8 +282,14 @@ class SentimentEngine:
         return {k: g[k].float().cpu().tolist() for k in ("input", "forget", "output", "cell_norm")}
 
     def warm_up(self) -> float:
-        """Score a short and a long text twice, with traces, so the first caller is not slow."""
+        """Cache the vocabulary's words in the tokenizer, then score a short and a long text twice,
+        with traces, so the first callers are not slow."""
         started = time.perf_counter()
+        # spaCy tokenises a word by its rules unless the word is in its lasting cache, which
+        # otherwise fills only as traffic repeats words. The vocabulary holds the words most texts
+        # are made of: caching them now (~0.4 s) took IMDB reviews from 2.0 to 1.3 ms each to
+        # tokenise from the first request (measured). Same tokens either way.
+        self.encoder.tokenizer.cache_words(self.artifacts.vocab.itos[2:])
         samples = ["A fine film.", "An awful, boring movie that I would not recommend to anyone. " * 20]
         for _ in range(2):
             batch = self.score([ScoreRequest(t, trace=True) for t in samples])

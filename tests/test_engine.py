@@ -96,3 +96,16 @@ def test_bf16_is_refused_without_bf16_instructions(tiny_artifacts, monkeypatch) 
     monkeypatch.setattr("sentiment.engine.cpu_has_bf16", lambda: False)
     with pytest.raises(ValueError, match="AVX-512 BF16 or AMX"):
         SentimentEngine.load(tiny_artifacts, "cpu", precision="bf16")
+
+
+def test_warm_up_caches_the_vocabulary_words_and_changes_no_token(tiny_artifacts) -> None:
+    from sentiment.text import Tokenizer
+
+    engine = SentimentEngine.load(tiny_artifacts, "cpu")
+    words = engine.artifacts.vocab.itos[2:]
+    assert not set(words) & engine.encoder.tokenizer.cached_words
+    engine.warm_up()
+    assert set(words) <= engine.encoder.tokenizer.cached_words
+    texts = [" ".join(words[i:i + 7]) + "!" for i in range(0, len(words), 7)]
+    plain = Tokenizer(engine.artifacts.vocab.settings, keep_frequent_words=False)
+    assert engine.encoder.tokenizer.tokenize_many(texts) == plain.tokenize_many(texts)
