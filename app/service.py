@@ -39,7 +39,7 @@ from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
 from app.settings import Settings
 from app.tracing import RequestTimings, current_timings, record_batch
-from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, freeze_heap, resident_bytes, usable_cpus
+from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, resident_bytes, tune_gc, usable_cpus
 from sentiment import label_of
 from sentiment.artifacts import resolve_device
 from sentiment.engine import EmptyTextError, ExplainTooLongError, Score, ScoreRequest, ScoredBatch, SentimentEngine
@@ -160,7 +160,7 @@ class SentimentService:
             self._fail("model failed to load (see the service log)")
             return
         self.engine = engine
-        freeze_heap()  # the loaded model and libraries are never garbage: keep full collections short
+        tune_gc()  # the loaded model and libraries are never garbage: keep collections short and rare
         self.batcher = MicroBatcher(
             self.score_batch, self._batch_executor or self._model_executor,
             max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000,

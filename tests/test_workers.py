@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app.process import ServiceProcess
-from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, cgroup_cpu_limit, freeze_heap, usable_cpus
+from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, cgroup_cpu_limit, tune_gc, usable_cpus
 from sentiment.engine import ScoreRequest, SentimentEngine
 
 TEXTS = ["good", "a great film", "the movie was awful !", "bad bad bad , the film was awful",
@@ -185,16 +185,18 @@ def test_sigterm_drains_every_worker(tiny_artifacts: Path) -> None:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
-def test_freeze_heap_keeps_loaded_objects_out_of_collections_and_still_collects_new_garbage() -> None:
+def test_tune_gc_keeps_loaded_objects_out_of_collections_and_still_collects_new_garbage() -> None:
     """What the front and every worker call once loaded: what exists then is frozen (a full
     collection no longer walks it); cyclic garbage made afterwards is still collected."""
     class Node:
         pass
 
     loaded = [Node() for _ in range(1000)]
+    thresholds = gc.get_threshold()
     try:
-        freeze_heap()
+        tune_gc()
         assert gc.get_freeze_count() >= len(loaded)
+        assert gc.get_threshold()[0] == 10_000
         garbage = Node()
         garbage.me = garbage  # a reference cycle: only the collector can free it
         gone = weakref.ref(garbage)
@@ -203,3 +205,4 @@ def test_freeze_heap_keeps_loaded_objects_out_of_collections_and_still_collects_
         assert gone() is None
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
