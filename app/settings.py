@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         "(CPU affinity, capped by the cgroup CPU quota) on CPU, 0 on CUDA; 0 scores in the server process"))
     precision: Literal["fp32", "bf16", "int8"] = Field("fp32", description=(
         "forward-pass arithmetic: fp32 (exact, batch-invariant), bf16 (autocast) or int8 (dynamic "
-        "quantisation, CPU only); faster but not batch-invariant (README \"Precision\")"))
+        "quantisation, CPU only); faster but not batch-invariant (docs/performance.md, \"Precision\")"))
     warmup: bool = Field(True, description="run warm-up passes before reporting ready")
     # Batching
     max_batch_size: int = Field(64, ge=1, description="most texts in one batch (1 turns batching off)")
@@ -58,11 +58,13 @@ class Settings(BaseSettings):
     max_body_bytes: int | None = Field(None, ge=1, description=(
         "largest request body; default: the largest legal request (max_texts × max_text_chars × 12 bytes, "
         "every character a JSON \\u escape of a surrogate pair) plus 64 KiB"))
-    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    request_timeout_s: float = Field(30.0, gt=0, description=(
+        "a request waiting longer gets 504; one predicted to wait longer is shed at once with 503"))
     # Access
     model_name: str = Field("sentiment", min_length=1, description="the model's name in the Open Inference Protocol (/v2/models/<name>)")
     api_key: SecretStr | None = Field(None, description="when set, prediction endpoints need 'Authorization: Bearer <key>'")
-    api_keys_file: Path | None = Field(None, description="file of accepted API keys, one per line ('#' comments)")
+    api_keys_file: Path | None = Field(None, description=(
+        "file of accepted API keys, one per line ('#' comments); must exist and hold a key, else start-up fails"))
     # Faults
     stuck_batch_s: float = Field(60.0, gt=0, description="a batch running longer turns readiness 503 (model stuck)")
     stuck_liveness_s: float = Field(120.0, gt=0, description="a batch running longer fails liveness too (restart me)")
