@@ -23,7 +23,7 @@ import sys
 
 import uvicorn
 
-from app.service import State
+from app.lifecycle import State
 from app.settings import get_settings
 
 EXIT_FAILED = 3  # the model could not be served; distinct from a crash (1) and a signal (128+n)
@@ -49,14 +49,14 @@ def main() -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            log_config=None, access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout))
-    service = app.state.service
+    lifecycle = app.state.service.lifecycle
     # A model that cannot load or a batch worker that died cannot heal in place: stop the server and
     # exit non-zero, so that the orchestrator restarts the replica with its own backoff.
-    service.on_fatal = lambda: setattr(server, "should_exit", True)
+    lifecycle.on_fatal = lambda: setattr(server, "should_exit", True)
     # uvicorn restores this handler after its graceful shutdown and re-raises SIGTERM into it.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_FAILED if service.state is State.FAILED else 0))
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_FAILED if lifecycle.state is State.FAILED else 0))
     server.run()
-    sys.exit(EXIT_FAILED if service.state is State.FAILED else 0)
+    sys.exit(EXIT_FAILED if lifecycle.state is State.FAILED else 0)
 
 
 if __name__ == "__main__":

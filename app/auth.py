@@ -15,6 +15,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.edge import send_error
 from app.errors import ApiError, Errors
 from app.metrics import ServiceMetrics
 
@@ -71,7 +72,6 @@ class ApiKeyGate:
             try:
                 check_bearer(authorization, self.digests)
             except ApiError as error:
-                self.metrics.errors.labels(kind=error.code).inc()
-                await error.response("v2" if path.startswith("/v2/") else "v1")(scope, receive, send)
+                await send_error(scope, receive, send, error, self.metrics)
                 return
         await self.app(scope, receive, send)

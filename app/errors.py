@@ -1,23 +1,19 @@
 """The API's error vocabulary and its mapping to HTTP responses, in one place.
 
 Every error the service answers with is one :class:`ErrorKind` below: a status, a stable ``code``,
-one message template and, for retryable ones, a ``Retry-After``. Every error body has the same
-shape, ``{"error": {"code", "message", "details"}}``, and every error is counted in
-``sentiment_errors_total{kind=<code>}``. The OpenAPI responses are built from this table too.
+one message template and, for retryable ones, a ``Retry-After``. A v1 error body is
+``{"error": {"code", "message", "details"}}``; a v2 one is the Open Inference Protocol's
+``{"error": "<message>"}`` with the code in ``X-Error-Code``. :mod:`app.edge` picks the shape and
+counts every error in ``sentiment_errors_total{kind=<code>}``. The OpenAPI responses are built from
+this table too.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
 
 # Retry-After policy (seconds): a loading or draining replica needs a few seconds (or another
 # replica); an overloaded queue frees up within a batch or two.
@@ -103,65 +99,16 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-def openapi_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the given statuses, each listing the codes it can carry."""
-    from app.schemas import ErrorResponse  # schemas import nothing from here; avoid a cycle at import
+def openapi_responses(*statuses: int, protocol: str = "v1") -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the given statuses, each listing the codes it can carry, with the
+    protocol's error body: ``ErrorResponse`` for v1, the OIP error object for v2."""
+    from app.schemas import ErrorResponse, OipError  # schemas import nothing from here; avoid a cycle
 
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         codes = [k.code for k in Errors.all() if k.status == status]
         retry = any(k.retry_after_s is not None for k in Errors.all() if k.status == status)
-        out[status] = {"model": ErrorResponse,
-                       "description": "error codes: " + ", ".join(codes) + ("; see Retry-After" if retry else "")}
+        where = "X-Error-Code header" if protocol == "v2" else "error codes"
+        out[status] = {"model": OipError if protocol == "v2" else ErrorResponse,
+                       "description": f"{where}: " + ", ".join(codes) + ("; see Retry-After" if retry else "")}
     return out
-
-
-def _count(request: Request, code: str) -> None:
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.errors.labels(kind=code).inc()
-
-
-def _from_validation(request: Request, exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
-    invalid_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
-    if invalid_json is not None:
-        reason = invalid_json.get("ctx", {}).get("error", "decode error")
-        position = invalid_json.get("loc", ("body", None))[-1]  # character offset where parsing failed
-        where = f" at character {position}" if isinstance(position, int) else ""
-        return ApiError(Errors.MALFORMED_JSON, [{"loc": ["body"], "msg": f"{reason}{where}"}], reason=f"{reason}{where}")
-    content_type = request.headers.get("content-type", "")
-    if "json" not in content_type and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
-        return ApiError(Errors.UNSUPPORTED_MEDIA_TYPE, content_type=content_type)
-    details = [{"loc": [str(x) if not isinstance(x, int) else x for x in e.get("loc", ())],
-                "msg": e.get("msg", "invalid")} for e in errors]
-    summary = "; ".join(f"{'.'.join(str(x) for x in d['loc'])}: {d['msg']}" for d in details[:5])
-    return ApiError(Errors.INVALID_REQUEST, details, summary=summary)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Turn every exception into a vocabulary error: same body shape, counted once."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        _count(request, exc.code)
-        path = request.url.path
-        return exc.response("v2" if path == "/v2" or path.startswith("/v2/") else "v1")
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return await _api_error(request, _from_validation(request, exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: Errors.NOT_FOUND, 405: Errors.METHOD_NOT_ALLOWED}.get(exc.status_code)
-        if kind is None:  # Starlette raises no other status for this app; keep the shape regardless
-            kind = ErrorKind(exc.status_code, "http_error", "{detail}")
-        response = await _api_error(request, ApiError(kind, detail=str(exc.detail)))
-        response.headers.update(getattr(exc, "headers", None) or {})
-        return response
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return await _api_error(request, ApiError(Errors.INTERNAL_ERROR))

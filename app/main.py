@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import swagger_ui_bundle
 from fastapi import FastAPI
@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.auth import ApiKeyGate, load_keys
-from app.errors import install_error_handlers
+from app.edge import install_error_handlers
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.middleware import BodyLimit, RequestContext, RequestTimer, SecurityHeaders, outermost
@@ -23,13 +23,13 @@ from app.routes import router
 from app.service import SentimentService
 from app.settings import Settings, get_settings
 from app.tracing import setup_tracing
-from sentiment.engine import SentimentEngine
+from app.scorer import EngineFactory
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def create_app(settings: Settings | None = None,
-               engine_factory: Callable[[Settings], SentimentEngine] | None = None) -> FastAPI:
+               engine_factory: EngineFactory | None = None) -> FastAPI:
     """Build the app; tests pass their own settings (and may pass a factory for a tiny model)."""
     settings = settings or get_settings()
     metrics = ServiceMetrics()
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        service.install_sigterm_hook(loop)
+        service.lifecycle.install_sigterm_hook(loop)
         loading = loop.create_task(service.start(), name="model-load")  # liveness answers while loading
         try:
             yield

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.edge import send_error
 from app.errors import ApiError, Errors
 from app.logs import access_log, bind_request, request_fields, unbind_request
 from app.metrics import ServiceMetrics
@@ -176,11 +177,8 @@ class BodyLimit:
         self.app, self.limit, self.metrics = app, limit, metrics
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ApiError(Errors.BODY_TOO_LARGE, limit=self.limit)
-        self.metrics.errors.labels(kind=error.code).inc()
-        response = error.response()
-        response.headers["Connection"] = "close"  # do not read the rest of an oversized body
-        await response(scope, receive, send)
+        # Connection: close: the rest of an oversized body is never read.
+        await send_error(scope, receive, send, ApiError(Errors.BODY_TOO_LARGE, limit=self.limit), self.metrics, close=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):

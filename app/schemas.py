@@ -118,7 +118,34 @@ class ErrorBody(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """A /v1 error."""
+
     error: ErrorBody
+
+
+class OipError(BaseModel):
+    """A /v2 error: the Open Inference Protocol's error object (the stable code is in ``X-Error-Code``)."""
+
+    error: str = Field(..., description="what is wrong, in words")
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` written in place: an OpenAPI ``openapi_extra``
+    request body cannot resolve ``#/$defs/...`` references (the models here are not recursive)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
 
 
 class Health(BaseModel):

@@ -1,10 +1,11 @@
-"""Model-worker processes: one engine per core, each fed whole batches by the service's one batcher.
+"""The worker pool: one engine per core in its own process, each fed whole batches by the front's
+one batcher (a :class:`~app.scorer.Scorer`, the default on CPU).
 
 Why processes: tokenising is pure Python (the GIL serialises it), and on CPU one LSTM pass per core
-at one torch thread beats one pass spread over all cores (measured; README "Serving on every
-core"). So the front process keeps HTTP, the batcher, metrics and readiness, and each worker process
+at one torch thread beats one pass spread over all cores (measured; docs/architecture.md, "Serving on every core"). So the front process keeps HTTP, the batcher, metrics and readiness, and each worker process
 holds its own :class:`~sentiment.engine.SentimentEngine` and runs ``engine.score`` (tokenise +
-forward) on the batches it is given. The same engine code runs in every worker, so a text's result
+forward) on the batches it is given. The front loads no model: each worker reports what it loaded
+(a :class:`~app.scorer.ModelSummary`), and a replacement that loaded another version is refused. The same engine code runs in every worker, so a text's result
 does not depend on which worker or batch scored it.
 
 Workers are started as ``python -m app.workers <fd>`` (not with multiprocessing's spawn, which would
@@ -20,9 +21,8 @@ disappears reads end-of-file and exits.
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import logging
-import math
 import os
 import pickle
 import queue
@@ -35,78 +35,30 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from app.resources import resident_bytes, tune_gc
+from app.scorer import BatchLostError
 from sentiment.engine import ScoredBatch, ScoreRequest
+
+if TYPE_CHECKING:
+    from app.scorer import ModelSummary
+    from app.settings import Settings
 
 log = logging.getLogger("app.workers")
 START_TIMEOUT_S = 300.0  # load + warm-up of one worker; a slow disk or a cold page cache can take a while
-GC_YOUNG_THRESHOLD = 10_000  # net new container objects between young collections (see tune_gc)
 # Workers run at a lower CPU priority than the front: with one worker per core, the front's event
 # loop (HTTP, JSON, handing out batches) would otherwise wait for a time slice behind busy workers,
 # and every request's latency with it. The front is light, so the workers lose little.
 WORKER_NICE = 5
 
 
-class WorkerDiedError(RuntimeError):
+class WorkerDiedError(BatchLostError):
     """The model-worker process running this batch exited; its texts can be retried."""
 
 
 class WorkerStartError(RuntimeError):
     """A model-worker process could not load or warm up the model."""
-
-
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by the cgroup CPU quota (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), or None."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-    except (OSError, ValueError):
-        return None
-
-
-def usable_cpus() -> int:
-    """The cores this process may use: its CPU affinity, capped by the cgroup quota (rounded down,
-    at least 1: a 1.5-CPU quota throttles a second busy process)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        cpus = min(cpus, math.floor(limit))
-    return max(1, cpus)
-
-
-def tune_gc() -> None:
-    """Set the garbage collector up for serving; call once loading is done.
-
-    * Put everything loaded so far (torch, spaCy, the vocabulary, the web framework: hundreds of
-      thousands of long-lived objects) out of its reach (``gc.freeze``). Without it every full
-      collection walks them all: in the front that stopped the event loop for ~150 ms several times
-      a minute under load (measured), which was the worst of the latency tail.
-    * Collect the young generation after 10,000 net new container objects instead of 700: the front
-      makes and frees many short-lived ones per request, and at 700 it ran ~50 young collections a
-      second (~1.5 % of a core); at 10,000, about one in 15 s at 64 clients (2.7 ms), and the front's
-      CPU per request fell ~13 % (measured). Objects made later are still collected as usual.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-
-
-def resident_bytes(pid: int | str = "self") -> int:
-    """Resident memory of a process, from /proc (0 if it is gone)."""
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +73,13 @@ class WorkerConfig:
     max_batch_tokens: int
     warmup: bool
 
+    @classmethod
+    def of(cls, settings: Settings) -> "WorkerConfig":
+        """The worker's share of the service's settings."""
+        s = settings
+        return cls(str(s.artifacts_dir), s.device, s.precision, s.max_tokens, s.max_explain_tokens,
+                   s.max_batch_tokens, s.warmup)
+
 
 def _serve(conn: Connection) -> None:
     """A worker's life: read its config, load, warm up, say ready; then score each batch received
@@ -134,6 +93,7 @@ def _serve(conn: Connection) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the workers together use them all
+    from app.scorer import ModelSummary
     from sentiment.engine import SentimentEngine
 
     try:
@@ -147,7 +107,7 @@ def _serve(conn: Connection) -> None:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     tune_gc()
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", ModelSummary.of(engine)))
     while True:
         try:
             requests = conn.recv()
@@ -193,15 +153,17 @@ class _Worker:
             return None
 
 
-class ModelWorkers:
-    """``count`` model-worker processes and the blocking :meth:`score` the batcher calls (from up to
-    ``count`` threads at once; each call takes a free worker for one batch)."""
+class WorkerPool:
+    """``count`` model-worker processes behind the :class:`~app.scorer.Scorer` protocol: the
+    blocking :meth:`score` is called from up to ``count`` threads at once, and each call takes a
+    free worker for one batch."""
 
     def __init__(self, config: WorkerConfig, count: int,
                  on_restart: Callable[[], None] | None = None, on_fatal: Callable[[str], None] | None = None) -> None:
         self.config = config
-        self.count = count
+        self.count = self.slots = count
         self.restarts = 0
+        self.model: ModelSummary | None = None  # what every worker reported loading
         self._on_restart = on_restart
         self._on_fatal = on_fatal
         self._workers: dict[int, _Worker] = {}  # index → its live, ready worker
@@ -214,12 +176,18 @@ class ModelWorkers:
         """Workers loaded, warm and serving."""
         return len(self._workers)
 
-    def start(self) -> None:
-        """Start every worker and wait until all are ready (raises :class:`WorkerStartError`)."""
+    def unready_detail(self) -> str | None:
+        missing = self.count - self.ready
+        if not missing or self._closed:
+            return None
+        return f"{missing} of {self.count} model workers restarting (requests are still served by the others)"
+
+    def start(self) -> ModelSummary:
+        """Start every worker and wait until all are ready (raises :class:`WorkerStartError`); the
+        summary of the model they loaded."""
         pending = [self._spawn(i) for i in range(self.count)]  # they load in parallel
         try:
-            for worker in pending:
-                self._await_ready(worker)
+            summaries = [self._await_ready(worker) for worker in pending]
         except BaseException:
             for worker in pending:
                 worker.process.kill()
@@ -228,7 +196,9 @@ class ModelWorkers:
         for worker in pending:
             self._workers[worker.index] = worker
             self._idle.put(worker)
+        self.model = dataclasses.replace(summaries[0], workers=self.count)
         log.info("%d model workers ready (pids %s)", self.count, ", ".join(str(w.pid) for w in pending))
+        return self.model
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
@@ -239,17 +209,22 @@ class ModelWorkers:
         conn.send(self.config)
         return _Worker(index, process, conn)
 
-    def _await_ready(self, worker: _Worker) -> None:
+    def _await_ready(self, worker: _Worker) -> ModelSummary:
+        """The summary the worker reports once warm; a worker that fails, or that loaded another model
+        version than the pool serves, is killed and reported as :class:`WorkerStartError`."""
         try:
             if not worker.conn.poll(START_TIMEOUT_S):
                 raise WorkerStartError(f"model worker {worker.index} was not ready within {START_TIMEOUT_S:.0f}s")
             status, detail = worker.conn.recv()
         except (EOFError, OSError):
             status, detail = "failed", f"exited with code {worker.wait(5)}"
+        if status == "ready" and self.model is not None and detail.version != self.model.version:
+            status, detail = "failed", f"loaded model {detail.version!r}, not the served {self.model.version!r}"
         if status != "ready":
             worker.process.kill()
             worker.wait(5)
             raise WorkerStartError(f"model worker {worker.index} failed to start: {detail}")
+        return detail
 
     def score(self, requests: list[ScoreRequest]) -> ScoredBatch:
         """Score one batch on a free worker (blocks until one is free)."""
@@ -298,9 +273,12 @@ class ModelWorkers:
         self._idle.put(worker)
         log.info("model worker %d replaced (pid %s)", index, worker.pid)
 
-    def resident_bytes(self) -> dict[int, int]:
+    def worker_bytes(self) -> dict[int, int]:
         """Resident memory of each live worker (index → bytes), from /proc."""
         return {index: resident_bytes(worker.pid) for index, worker in list(self._workers.items())}
+
+    def resident_bytes(self) -> int:
+        return sum(self.worker_bytes().values())
 
     def pids(self) -> Sequence[int]:
         return [w.pid for w in self._workers.values()]
@@ -324,5 +302,5 @@ class ModelWorkers:
             worker.conn.close()
 
 
-if __name__ == "__main__":  # python -m app.workers <fd>: one model worker, started by ModelWorkers
+if __name__ == "__main__":  # python -m app.workers <fd>: one model worker, started by WorkerPool
     _serve(Connection(int(sys.argv[1])))

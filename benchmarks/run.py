@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    from app.workers import usable_cpus
+    from app.resources import usable_cpus
 
     processes = args.processes or (1 if device == "cuda" else usable_cpus())
     print(f"offline ceiling: {len(texts)} reviews in batches of {args.offline_batch}, {processes} processes …", flush=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.admission import text_cost, work_items
 from sentiment.engine import ScoreRequest, SentimentEngine
 from sentiment.model import pad_batch
 from tests.conftest import SHIPPED, shipped_available, wait_ready  # noqa: F401 (fixtures: make_client)
@@ -67,7 +68,7 @@ def test_explanations_do_not_depend_on_the_batch(client: TestClient) -> None:
     assert batched["explanation"]["attributions"] == pytest.approx(alone["explanation"]["attributions"], abs=1e-5)
     assert alone["probability"] == pytest.approx(plain["probability"], abs=1e-5)
     # In one engine call beside unexplained texts too (the model thread's view of a mixed batch).
-    engine_batch = client.app.state.service.engine.score(
+    engine_batch = client.app.state.service.lifecycle.scorer.engine.score(
         [ScoreRequest(OTHERS[0]), ScoreRequest(TEXT, explain=True), ScoreRequest(OTHERS[2], trace=True)])
     mixed = engine_batch.results[1].explanation.attributions
     assert mixed == pytest.approx(alone["explanation"]["attributions"], abs=1e-5)
@@ -106,13 +107,13 @@ def test_explanations_are_counted(client: TestClient) -> None:
 
 
 def test_an_explanation_costs_more_admission_than_a_plain_text(client: TestClient) -> None:
-    service = client.app.state.service
+    model = client.app.state.service.lifecycle.model
     review = "a good film , " * 100
-    plain, explained = service.text_cost(review, False), service.text_cost(review, False, explain=True)
+    plain, explained = text_cost(review, False, model), text_cost(review, False, model, explain=True)
     # The tiny model reads at most 32 tokens: the explanation adds 32 copies of the text's work.
     assert explained == pytest.approx(plain * (1 + 32))
     # Two words: two variants and the text itself.
-    assert service.text_cost("good film", False, explain=True) == pytest.approx(3 * service.text_cost("good film", False))
+    assert text_cost("good film", False, model, explain=True) == pytest.approx(3 * text_cost("good film", False, model))
 
 
 @pytest.mark.slow
@@ -133,12 +134,12 @@ def test_signs_on_constructed_examples_with_the_shipped_model(make_client) -> No
 
 
 def test_an_explanation_split_into_queue_items_equals_the_whole(make_client, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.service
+    import app.admission
 
     client = make_client()
     whole = explain(client, [TEXT, "good", OTHERS[0]], trace=True)
-    monkeypatch.setattr(app.service, "EXPLAIN_CHUNK_TOKENS", 3)  # TEXT's 11 tokens → 4 items with work
-    items = client.app.state.service.work_items(TEXT, True, False, True)
+    monkeypatch.setattr(app.admission, "EXPLAIN_CHUNK_TOKENS", 3)  # TEXT's 11 tokens → 4 items with work
+    items = work_items(TEXT, True, False, True, client.app.state.service.lifecycle.model)
     assert [r.explain_span for r, _ in items][:4] == [(0, 3), (3, 6), (6, 9), (9, 12)]
     assert items[0][0].trace and not any(r.trace for r, _ in items[1:])  # the trace is computed once
     split = explain(client, [TEXT, "good", OTHERS[0]], trace=True)
@@ -149,25 +150,25 @@ def test_an_explanation_split_into_queue_items_equals_the_whole(make_client, mon
         assert b["trace"]["probabilities"] == pytest.approx(a["trace"]["probabilities"], abs=1e-5)
         assert b["probability"] == pytest.approx(a["probability"], abs=1e-5)
     client_small = make_client(max_explain_tokens=5)
-    monkeypatch.setattr(app.service, "EXPLAIN_CHUNK_TOKENS", 2)
+    monkeypatch.setattr(app.admission, "EXPLAIN_CHUNK_TOKENS", 2)
     r = client_small.post("/v1/predict", json={"texts": ["the film was very good !"], "explain": "occlusion"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "explain_too_long"
 
 
 def test_an_explanation_with_more_items_than_the_queue_holds_is_served_when_idle(
         make_client, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.service
+    import app.admission
 
     client = make_client(max_queue=8, max_texts=8)
-    monkeypatch.setattr(app.service, "EXPLAIN_CHUNK_TOKENS", 2)  # 16 items per long text
+    monkeypatch.setattr(app.admission, "EXPLAIN_CHUNK_TOKENS", 2)  # 16 items per long text
     r = client.post("/v1/predict", json={"texts": [TEXT] * 3, "explain": "occlusion"})
     assert r.status_code == 200, r.text
 
 
 def test_one_letter_words_are_charged_as_words(client: TestClient) -> None:
-    service = client.app.state.service
+    model = client.app.state.service.lifecycle.model
     hostile, prose = "a " * 30, "wonderful " * 6  # same characters, 30 vs 6 tokens (the tiny model reads 32)
-    assert service.text_cost(hostile, False, explain=True) > 2 * service.text_cost(prose, False, explain=True)
+    assert text_cost(hostile, False, model, explain=True) > 2 * text_cost(prose, False, model, explain=True)
 
 
 def test_explained_requests_have_their_own_latency_label(client: TestClient) -> None:

@@ -122,21 +122,22 @@ def test_deep_nesting_is_malformed_json_not_a_crash(make_client) -> None:
 
 
 def test_large_bodies_are_parsed_off_the_event_loop(make_client, monkeypatch) -> None:
+    import app.edge as edge
     import app.routes as routes
 
     threads: list[str] = []
-    original = routes.run_in_threadpool
+    original = edge.run_in_threadpool
 
     async def recording(fn, *args):
         threads.append(fn.__qualname__)
         return await original(fn, *args)
 
-    monkeypatch.setattr(routes, "run_in_threadpool", recording)
+    monkeypatch.setattr(edge, "run_in_threadpool", recording)
     client = make_client()
     assert client.post("/v1/predict", json={"texts": ["good film"]}).status_code == 200
     assert threads == []  # small: parsed inline
     assert client.post("/v1/predict", json={"texts": ["good film " * 2000] * 8}).status_code == 200
-    assert threads == ["_parse_predict_request"]
+    assert threads == [routes.parse_predict_request.__qualname__]
 
 
 # ---- fairness and admission --------------------------------------------------------------------

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from app.process import ServiceProcess
-from app.workers import ModelWorkers, WorkerConfig, WorkerDiedError, cgroup_cpu_limit, tune_gc, usable_cpus
+from app.resources import cgroup_cpu_limit, tune_gc, usable_cpus
+from app.workers import WorkerConfig, WorkerDiedError, WorkerPool
 from sentiment.engine import ScoreRequest, SentimentEngine
 
 TEXTS = ["good", "a great film", "the movie was awful !", "bad bad bad , the film was awful",
@@ -62,18 +63,18 @@ def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path: Path) -> None:
 
 def test_usable_cpus_is_affinity_capped_by_quota(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr("app.workers.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("app.resources.cgroup_cpu_limit", lambda: None)
     assert usable_cpus() == 4
-    monkeypatch.setattr("app.workers.cgroup_cpu_limit", lambda: 2.5)
+    monkeypatch.setattr("app.resources.cgroup_cpu_limit", lambda: 2.5)
     assert usable_cpus() == 2  # a half core cannot carry a third busy process
-    monkeypatch.setattr("app.workers.cgroup_cpu_limit", lambda: 0.5)
+    monkeypatch.setattr("app.resources.cgroup_cpu_limit", lambda: 0.5)
     assert usable_cpus() == 1
 
 
 def test_a_worker_that_dies_idle_is_replaced_without_failing_anything(tiny_artifacts: Path) -> None:
     config = WorkerConfig(str(tiny_artifacts), "cpu", "fp32", None, None, 16_384, True)
     restarts = []
-    pool = ModelWorkers(config, 1, on_restart=lambda: restarts.append(1))
+    pool = WorkerPool(config, 1, on_restart=lambda: restarts.append(1))
     pool.start()
     try:
         assert pool.ready == 1
@@ -91,7 +92,7 @@ def test_a_worker_that_dies_idle_is_replaced_without_failing_anything(tiny_artif
 
 def test_a_worker_that_dies_mid_batch_fails_that_batch_only(tiny_artifacts: Path) -> None:
     config = WorkerConfig(str(tiny_artifacts), "cpu", "fp32", None, None, 16_384, True)
-    pool = ModelWorkers(config, 1)
+    pool = WorkerPool(config, 1)
     pool.start()
     try:
         big = [ScoreRequest("good movie , the film was great . " * 3 + str(i), trace=True) for i in range(4000)]
