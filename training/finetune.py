@@ -12,14 +12,13 @@
   deviation, so ε is measured in units of normalised embeddings, as in the paper), and the loss on
   the perturbed input is added. Training-only: the exported model is the plain SentimentLSTM.
 
-Resumable mid-epoch like the language model (``training/state.py``).
+Resumable mid-epoch like the language model: :class:`FineTunePhase` supplies the step and the
+epoch's evaluation to the shared loop (``training/loop.py``), which owns resuming, the learning-rate
+schedule, checkpoints and the time box.
 """
 
 from __future__ import annotations
 
-import math
-import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -27,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from sentiment.batching import length_buckets
-from sentiment.model import SentimentLSTM, pad_batch
-from training.state import (RunState, TimeBox, TimeBoxReached, compact, expand, model_device, rng_state,
-                            set_rng_state)
+from sentiment.model import ModelConfig, SentimentLSTM, pad_batch
+from training.loop import LRSchedule, PhasePlan, Position, TrainingLoop, TrainingPhase, training_seconds
+from training.state import RunState, TimeBox, model_device
 
 PHASE = "finetune"
 
@@ -129,12 +128,120 @@ def unfrozen_groups(epoch: int, gradual: bool) -> int:
     return min(3, epoch) if gradual else 3
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak at ``total`` steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+@dataclass
+class FineTuneTally:
+    """An epoch's running sums: clean and adversarial loss (× reviews), correct predictions, reviews seen."""
+
+    loss_sum: float = 0.0
+    adv_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+
+class FineTunePhase(TrainingPhase[FineTuneTally]):
+    """Sentiment fine-tuning with layer-group rates, gradual unfreezing and a weight average (EMA)."""
+
+    tally_type = FineTuneTally
+    extendable = False  # its final checkpoint holds the average, not the weights it trains
+
+    def __init__(self, model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cfg: FineTuneConfig,
+                 seed: int, evaluate: Callable[[SentimentLSTM], dict]) -> None:
+        self.model, self.cfg, self.seed, self.evaluate = model, cfg, seed, evaluate
+        self.ids, self.labels = train
+        self.groups = parameter_groups(model)
+        # The head gets ``lr``, each group below it ``group_decay`` times less (ULMFiT).
+        self.optimizer = torch.optim.AdamW(
+            [{"params": ps, "name": name, "lr_scale": cfg.group_decay ** -(len(self.groups) - 1 - i)}
+             for i, (name, ps) in enumerate(self.groups)], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lengths = [len(x) for x in self.ids]
+        per_epoch = len(length_buckets(self.lengths, cfg.batch_size, seed=seed))
+        total = per_epoch * cfg.epochs
+        schedule = LRSchedule(cfg.lr, total, int(cfg.warmup_fraction * total), cfg.min_lr_ratio, cfg.rewarm_steps)
+        self.plan = PhasePlan(PHASE, "fine-tuning", "batch", cfg.epochs, per_epoch, schedule, cfg.clip, cfg.log_every,
+                              fresh_after_fp16_resume="the optimizer's moments and the weight average")
+        self.ema = self.copy_of_weights()
+        self.batches: list[list[int]] = []
+        self.trainable = len(self.groups)  # layer groups training this epoch, counted from the head down
+
+    def record_fields(self) -> dict:
+        return {"config": asdict(self.cfg)}
+
+    def copy_of_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def restore(self, compact_state: dict, exact_state: dict | None) -> None:
+        device = model_device(self.model)
+        self.ema = {k: v.to(device) for k, v in exact_state["ema"].items()} if exact_state else self.copy_of_weights()
+
+    def exact_extras(self) -> dict:
+        return {"ema": self.ema}
+
+    def start_epoch(self, position: Position[FineTuneTally]) -> int:
+        self.batches = length_buckets(self.lengths, self.cfg.batch_size, seed=self.seed + position.epoch)
+        self.trainable = unfrozen_groups(position.epoch, self.cfg.gradual_unfreezing)
+        for i, (_, ps) in enumerate(self.groups):
+            for p in ps:
+                p.requires_grad_(i >= len(self.groups) - self.trainable)
+        return len(self.batches)
+
+    def batch_loss(self, position: Position[FineTuneTally]) -> torch.Tensor:
+        self.model.train()
+        device = model_device(self.model)
+        batch = self.batches[position.batch]
+        ids, lens = pad_batch([self.ids[i] for i in batch])  # (B, T), (B,)
+        ids, lens = ids.to(device), lens.to(device)
+        y = torch.tensor([self.labels[i] for i in batch], dtype=torch.float32, device=device)  # (B,)
+        loss, parts = training_loss(self.model, ids, lens, y, self.cfg)
+        tally = position.tally
+        tally.loss_sum += float(parts["clean"]) * len(batch)
+        tally.adv_sum += float(parts.get("adversarial", 0.0)) * len(batch)
+        tally.correct += int(((parts["last"] > 0).float() == y).sum())
+        tally.seen += len(batch)
+        return loss
+
+    def after_step(self, position: Position[FineTuneTally]) -> None:
+        # The average forgets fast at first (decay (1+t)/(10+t)), so early weights do not linger in it.
+        decay = min(self.cfg.ema_decay, (1 + position.step) / (10 + position.step))
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if v.is_floating_point():
+                    self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
+
+    def progress(self, position: Position[FineTuneTally]) -> str:
+        t = position.tally
+        return (f"clean loss {t.loss_sum / t.seen:.4f}, adversarial {t.adv_sum / t.seen:.4f}, "
+                f"acc {t.correct / t.seen:.4f}, {t.seen / position.seconds:.0f} reviews/s")
+
+    def end_epoch(self, position: Position[FineTuneTally]) -> dict:
+        raw = self.evaluate(self.model)
+        avg = self.evaluate(self.averaged())
+        t, seen = position.tally, max(1, position.tally.seen)
+        frozen = len(self.groups) - self.trainable
+        return {"trainable_groups": [name for name, _ in self.groups[frozen:]],
+                "train_loss": round(t.loss_sum / seen, 5), "train_adversarial_loss": round(t.adv_sum / seen, 5),
+                "train_accuracy": round(t.correct / seen, 5),
+                "val_accuracy": raw["accuracy"], "val_accuracy_ema": avg["accuracy"],
+                "seconds": round(position.seconds, 1),
+                "reviews_per_second": round(t.seen / max(1e-9, position.seconds), 1)}
+
+    def averaged(self) -> SentimentLSTM:
+        """A copy of the model holding the weight average."""
+        copy = SentimentLSTM(model_config(self.model))
+        copy.load_state_dict(self.ema)
+        return copy.to(model_device(self.model))
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The average is what gets exported: it goes into the model and the phase's final checkpoint."""
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model.load_state_dict(self.ema)
+        return self.ema
 
 
 def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cfg: FineTuneConfig, seed: int,
@@ -146,132 +253,13 @@ def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cf
     the raw and the averaged weights after every epoch. Raises :class:`TimeBoxReached` after a
     checkpoint when the time box runs out. Returns the phase report for the model card.
     """
-    ids_all, labels_all = train
-    device = model_device(model)
-    phase = state.phase(PHASE)
-    groups = parameter_groups(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "name": name, "lr_scale": cfg.group_decay ** -(len(groups) - 1 - i)}
-         for i, (name, ps) in enumerate(groups)], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lengths = [len(x) for x in ids_all]
-    per_epoch = len(length_buckets(lengths, cfg.batch_size, seed=seed))
-    total_steps = per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_fraction * total_steps)
-    pos = {"epoch": 1, "batch": 0, "step": 0, "loss_sum": 0.0, "adv_sum": 0.0, "correct": 0, "seen": 0,
-           "seconds": 0.0}
-    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    rewarm_from: int | None = None
-    small, full = state.load_phase(PHASE)
-    report = {"history": phase["history"], "config": asdict(cfg), "exported_weights": "ema"}
-    if phase.get("done") and small is not None:
-        # Finished earlier: the saved weights are the final (averaged) ones.
-        model.load_state_dict(full["weights"] if full else expand(small["weights"]))
-        log(f"fine-tuning: finished earlier ({len(phase['history'])} epochs); using its final weights")
-        return {**report, "seconds": round(sum(h["seconds"] for h in phase["history"]), 1)}
-    if small is not None:
-        model.load_state_dict(full["weights"] if full else expand(small["weights"]))
-        pos = dict(small["position"])
-        set_rng_state(small["rng"])
-        if full:
-            optimizer.load_state_dict(full["optimizer"])
-            ema = {k: v.to(device) for k, v in full["ema"].items()}
-            log(f"fine-tuning: resumed exactly at epoch {pos['epoch']}, batch {pos['batch']}/{per_epoch}")
-        else:
-            rewarm_from = pos["step"]
-            ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-            log(f"fine-tuning: resumed from the committed fp16 state at epoch {pos['epoch']}, batch "
-                f"{pos['batch']}/{per_epoch}; optimizer and weight average restart (lr re-warms over "
-                f"{cfg.rewarm_steps} steps)")
-    run_id = state.info.setdefault("run_id", uuid.uuid4().hex)
-    phase["config"] = asdict(cfg)
-
-    def checkpoint() -> None:
-        phase["position"] = {k: pos[k] for k in ("epoch", "batch", "step")}
-        payload = {"run_id": run_id, "step": pos["step"], "position": dict(pos), "rng": rng_state()}
-        state.save_phase(PHASE, {**payload, "weights": compact(model.state_dict())},
-                         {"run_id": run_id, "step": pos["step"], "weights": model.state_dict(), "ema": ema,
-                          "optimizer": optimizer.state_dict()})
-
-    def averaged() -> SentimentLSTM:
-        copy = SentimentLSTM(model_config(model))
-        copy.load_state_dict(ema)
-        return copy.to(device)
-
-    while pos["epoch"] <= cfg.epochs:
-        epoch = pos["epoch"]
-        batches = length_buckets(lengths, cfg.batch_size, seed=seed + epoch)
-        trainable = unfrozen_groups(epoch, cfg.gradual_unfreezing)
-        for i, (_, ps) in enumerate(groups):
-            for p in ps:
-                p.requires_grad_(i >= len(groups) - trainable)
-        t_log = time.time()
-        while pos["batch"] < len(batches):
-            if timebox.expired():
-                checkpoint()
-                raise TimeBoxReached(PHASE, f"epoch {epoch}, batch {pos['batch']}/{len(batches)}")
-            model.train()
-            t0 = time.time()
-            batch = batches[pos["batch"]]
-            ids, lens = pad_batch([ids_all[i] for i in batch])  # (B, T), (B,)
-            ids, lens = ids.to(device), lens.to(device)
-            y = torch.tensor([labels_all[i] for i in batch], dtype=torch.float32, device=device)  # (B,)
-            factor = lr_factor(pos["step"], total_steps, warmup, cfg.min_lr_ratio)
-            if rewarm_from is not None:
-                factor *= min(1.0, (pos["step"] - rewarm_from + 1) / max(1, cfg.rewarm_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_scale"] * factor
-            loss, parts = training_loss(model, ids, lens, y, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, ps in groups for p in ps if p.requires_grad], cfg.clip)
-            optimizer.step()
-            decay = min(cfg.ema_decay, (1 + pos["step"]) / (10 + pos["step"]))
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    if v.is_floating_point():
-                        ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
-            pos["batch"] += 1
-            pos["step"] += 1
-            pos["loss_sum"] += float(parts["clean"]) * len(batch)
-            pos["adv_sum"] += float(parts.get("adversarial", 0.0)) * len(batch)
-            pos["correct"] += int(((parts["last"] > 0).float() == y).sum())
-            pos["seen"] += len(batch)
-            pos["seconds"] += time.time() - t0
-            timebox.step()
-            if cfg.log_every and pos["batch"] % cfg.log_every == 0:
-                log(f"fine-tune epoch {epoch} batch {pos['batch']}/{len(batches)}: clean loss "
-                    f"{pos['loss_sum'] / pos['seen']:.4f}, adversarial {pos['adv_sum'] / pos['seen']:.4f}, "
-                    f"acc {pos['correct'] / pos['seen']:.4f}, {pos['seen'] / pos['seconds']:.0f} reviews/s")
-            if timebox.checkpoint_due():
-                checkpoint()
-        raw = evaluate(model)
-        avg = evaluate(averaged())
-        entry = {"epoch": epoch, "trainable_groups": [n for i, (n, _) in enumerate(groups) if i >= 3 - trainable],
-                 "train_loss": round(pos["loss_sum"] / max(1, pos["seen"]), 5),
-                 "train_adversarial_loss": round(pos["adv_sum"] / max(1, pos["seen"]), 5),
-                 "train_accuracy": round(pos["correct"] / max(1, pos["seen"]), 5),
-                 "val_accuracy": raw["accuracy"], "val_accuracy_ema": avg["accuracy"],
-                 "seconds": round(pos["seconds"], 1),
-                 "reviews_per_second": round(pos["seen"] / max(1e-9, pos["seconds"]), 1)}
-        phase["history"].append(entry)
-        log(f"fine-tune epoch {epoch}: {entry} ({time.time() - t_log:.0f}s)")
-        pos.update({"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0, "adv_sum": 0.0, "correct": 0, "seen": 0,
-                    "seconds": 0.0})
-        checkpoint()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.load_state_dict(ema)
-    phase["done"] = True
-    # The phase's state now holds the final (averaged) weights, so export can be re-run from it.
-    state.save_phase(PHASE, {"run_id": run_id, "step": pos["step"], "position": dict(pos), "rng": rng_state(),
-                             "weights": compact(ema)},
-                     {"run_id": run_id, "step": pos["step"], "weights": ema})
-    return {**report, "seconds": round(sum(h["seconds"] for h in phase["history"]), 1)}
+    record = state.phase(PHASE)
+    TrainingLoop(FineTunePhase(model, train, cfg, seed, evaluate), state, timebox, log).run()
+    return {"history": record["history"], "config": asdict(cfg), "exported_weights": "ema",
+            "seconds": training_seconds(record["history"])}
 
 
-def model_config(model: SentimentLSTM):
+def model_config(model: SentimentLSTM) -> ModelConfig:
     """The :class:`ModelConfig` of an eager model (to build a same-shaped copy)."""
-    from sentiment.model import ModelConfig
-
     return ModelConfig(model.embedding.num_embeddings, model.embedding.embedding_dim, model.lstm.hidden_size,
                        model.lstm.num_layers, model.dropout.p, model.embedding.padding_idx or 0)

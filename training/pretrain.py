@@ -17,15 +17,15 @@ LSTM where a new review starts; predicting the separator itself is masked out of
 is PyTorch's adaptive softmax (Grave et al., 2017): frequent words in a small head, rare words in
 down-projected tail clusters (the vocabulary is ordered by frequency, as it needs).
 
-**Resumable.** Position (epoch, chunk), carried hidden state and RNG states are checkpointed with
-the weights (see ``training/state.py``), so a time-boxed stop resumes mid-epoch.
+**Resumable.** :class:`LanguageModelPhase` supplies the step and the epoch's evaluation to the
+shared loop (``training/loop.py``); position (epoch, chunk), carried hidden state and RNG states are
+checkpointed with the weights, so a time-boxed stop resumes mid-epoch.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -37,8 +37,8 @@ from torch import nn
 from sentiment.batching import length_buckets
 from sentiment.model import SentimentLSTM, pad_batch
 from sentiment.text import PAD_ID
-from training.state import (RunState, TimeBox, TimeBoxReached, compact, expand, model_device, rng_state,
-                            set_rng_state)
+from training.loop import LRSchedule, PhasePlan, Position, TrainingLoop, TrainingPhase, training_seconds
+from training.state import RunState, TimeBox, model_device
 
 PHASE = "lm"
 
@@ -96,14 +96,6 @@ def steps_per_epoch(n_tokens: int, rows: int, bptt: int) -> int:
     """Chunks per epoch for a stream of ``n_tokens`` (the last, shorter chunk included)."""
     cols = n_tokens // rows
     return max(0, math.ceil((cols - 1) / bptt))
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
@@ -220,6 +212,106 @@ def load_lm_weights(model: SentimentLSTM, head: NextTokenHead, weights: dict[str
     head.load_state_dict(lm_head)
 
 
+@dataclass
+class LMTally:
+    """An epoch's running sums: next-token NLL summed over the scored tokens, and their number."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+
+
+class LanguageModelPhase(TrainingPhase[LMTally]):
+    """Next-token prediction over the carried-state token stream, as a phase of :class:`TrainingLoop`."""
+
+    tally_type = LMTally
+
+    def __init__(self, model: SentimentLSTM, texts: Sequence[np.ndarray], held_out: Sequence[np.ndarray],
+                 cfg: LMConfig, seed: int, probe: Callable[[SentimentLSTM], float] | None = None,
+                 head_weights: dict | None = None) -> None:
+        self.model, self.cfg, self.seed, self.probe = model, cfg, seed, probe
+        self.texts, self.held_out = texts, held_out
+        self.head = NextTokenHead(model.lstm.hidden_size, model.embedding.num_embeddings)
+        if head_weights is not None:
+            self.head.load_state_dict(head_weights)
+        self.head.to(model_device(model))
+        params = list(model.embedding.parameters()) + list(model.lstm.parameters()) + list(self.head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.n_tokens = sum(len(t) + 1 for t in texts)
+        per_epoch = steps_per_epoch(self.n_tokens, cfg.rows, cfg.bptt)
+        schedule = LRSchedule(cfg.lr, per_epoch * cfg.epochs, cfg.warmup_steps, cfg.min_lr_ratio, cfg.rewarm_steps)
+        self.plan = PhasePlan(PHASE, "language model", "chunk", cfg.epochs, per_epoch, schedule, cfg.clip,
+                              cfg.log_every)
+        self.data = torch.empty(0, 0, dtype=torch.long)  # the epoch's streams (rows, cols)
+        self.hidden: Hidden | None = None  # carried from chunk to chunk, reset at an epoch's start
+        self.since_log = (time.time(), 0)  # (when, tokens since) of the last progress line
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return lm_weights(self.model, self.head)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        load_lm_weights(self.model, self.head, weights)
+
+    def restore(self, compact_state: dict, exact_state: dict | None) -> None:
+        hidden = compact_state["hidden"]
+        self.hidden = None if hidden is None else tuple(h.to(model_device(self.model)) for h in hidden)
+
+    def compact_extras(self) -> dict:
+        return {"hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden)}
+
+    def record_fields(self) -> dict:
+        return {"config": asdict(self.cfg), "tokens_per_epoch": self.n_tokens,
+                "steps_per_epoch": self.plan.steps_per_epoch}
+
+    def initial_entry(self) -> dict:
+        """Epoch 0: where pre-training starts (word vectors only), for comparison."""
+        entry = {"epoch": 0, "held_out_perplexity": self.held_out_perplexity()}
+        if self.probe:
+            entry["probe_validation_accuracy"] = self.probe(self.model)
+        return entry
+
+    def held_out_perplexity(self) -> float:
+        return held_out_perplexity(self.model, self.head, self.held_out, self.cfg.eval_tokens, self.cfg.bptt)
+
+    def start_epoch(self, position: Position[LMTally]) -> int:
+        self.data = batchify(build_stream(self.texts, self.seed, position.epoch), self.cfg.rows)
+        self.data = self.data.to(model_device(self.model))  # (rows, cols)
+        if position.batch == 0:
+            self.hidden = None
+        self.since_log = (time.time(), 0)
+        return self.plan.steps_per_epoch
+
+    def batch_loss(self, position: Position[LMTally]) -> torch.Tensor:
+        self.model.train()
+        self.head.train()
+        start = position.batch * self.cfg.bptt
+        y = self.data[:, start + 1 : start + 1 + self.cfg.bptt]  # (rows, T)
+        x = self.data[:, start : start + y.size(1)]  # (rows, T)
+        loss, n, hidden = lm_chunk_loss(self.model, self.head, x, y, self.hidden, self.cfg.dropout, self.cfg.bf16)
+        # Truncated back-propagation: the state is carried into the next chunk, its gradient is not.
+        self.hidden = (hidden[0].detach().float(), hidden[1].detach().float())
+        position.tally.loss_sum += float(loss.detach()) * n
+        position.tally.tokens += n
+        self.since_log = (self.since_log[0], self.since_log[1] + n)
+        return loss
+
+    def progress(self, position: Position[LMTally]) -> str:
+        (then, tokens), now = self.since_log, time.time()
+        self.since_log = (now, 0)
+        return (f"train ppl {math.exp(position.tally.loss_sum / max(1, position.tally.tokens)):.1f}, "
+                f"lr {self.optimizer.param_groups[0]['lr']:.2e}, {tokens / (now - then):.0f} tokens/s")
+
+    def end_epoch(self, position: Position[LMTally]) -> dict:
+        tally = position.tally
+        entry = {"train_perplexity": round(math.exp(tally.loss_sum / max(1, tally.tokens)), 2),
+                 "held_out_perplexity": self.held_out_perplexity(),
+                 "tokens": tally.tokens, "seconds": round(position.seconds, 1),
+                 "tokens_per_second": round(tally.tokens / max(1e-9, position.seconds))}
+        if self.probe:
+            entry["probe_validation_accuracy"] = self.probe(self.model)
+        self.hidden = None  # the next epoch is a new stream
+        return entry
+
+
 def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], held_out: Sequence[np.ndarray],
                             cfg: LMConfig, seed: int, state: RunState, timebox: TimeBox,
                             probe: Callable[[SentimentLSTM], float] | None = None,
@@ -231,110 +323,8 @@ def pretrain_language_model(model: SentimentLSTM, texts: Sequence[np.ndarray], h
     checkpoint when ``timebox`` runs out; call again (same arguments) to continue. Returns the
     phase's report for the model card: history per epoch, tokens/s, seconds.
     """
-    phase = state.phase(PHASE)
-    device = model_device(model)
-    head = NextTokenHead(model.lstm.hidden_size, model.embedding.num_embeddings)
-    if head_weights is not None:
-        head.load_state_dict(head_weights)
-    head.to(device)
-    params = list(model.embedding.parameters()) + list(model.lstm.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_tokens = sum(len(t) + 1 for t in texts)
-    per_epoch = steps_per_epoch(n_tokens, cfg.rows, cfg.bptt)
-    total_steps = per_epoch * cfg.epochs
-    pos = {"epoch": 1, "batch": 0, "step": 0, "loss_sum": 0.0, "tokens": 0, "seconds": 0.0}
-    hidden: Hidden | None = None
-    rewarm_from: int | None = None
-    small, full = state.load_phase(PHASE)
-    if small is not None:
-        load_lm_weights(model, head, full["weights"] if full else expand(small["weights"]))
-        pos = dict(small["position"])
-        hidden = None if small["hidden"] is None else tuple(h.to(device) for h in small["hidden"])
-        set_rng_state(small["rng"])
-        if full:
-            optimizer.load_state_dict(full["optimizer"])
-            log(f"language model: resumed exactly at epoch {pos['epoch']}, chunk {pos['batch']}/{per_epoch} "
-                f"(step {pos['step']})")
-        else:
-            rewarm_from = pos["step"]
-            log(f"language model: resumed from the committed fp16 state at epoch {pos['epoch']}, chunk "
-                f"{pos['batch']}/{per_epoch} (step {pos['step']}); no optimizer state, so the learning rate "
-                f"re-warms over {cfg.rewarm_steps} steps")
-    run_id = state.info.setdefault("run_id", uuid.uuid4().hex)
-
-    def checkpoint() -> None:
-        phase["position"] = {k: pos[k] for k in ("epoch", "batch", "step")}
-        payload = {"run_id": run_id, "step": pos["step"], "position": dict(pos),
-                   "hidden": None if hidden is None else tuple(h.cpu() for h in hidden), "rng": rng_state()}
-        state.save_phase(PHASE, {**payload, "weights": compact(lm_weights(model, head))},
-                         {"run_id": run_id, "step": pos["step"], "weights": lm_weights(model, head),
-                          "optimizer": optimizer.state_dict()})
-
-    if not phase["history"] and pos["step"] == 0 and small is None:
-        # Epoch 0: where pre-training starts (word vectors only), for comparison.
-        entry = {"epoch": 0, "held_out_perplexity": held_out_perplexity(model, head, held_out, cfg.eval_tokens, cfg.bptt)}
-        if probe:
-            entry["probe_validation_accuracy"] = probe(model)
-        phase["history"].append(entry)
-        log(f"language model before pre-training: {entry}")
-    phase["config"] = asdict(cfg)
-    phase.update({"tokens_per_epoch": n_tokens, "steps_per_epoch": per_epoch})
-
-    while pos["epoch"] <= cfg.epochs:
-        epoch = pos["epoch"]
-        data = batchify(build_stream(texts, seed, epoch), cfg.rows).to(device)  # (rows, cols)
-        if pos["batch"] == 0:
-            hidden = None
-        t_log, tok_log = time.time(), 0
-        while pos["batch"] < per_epoch:
-            if timebox.expired():
-                checkpoint()
-                raise TimeBoxReached(PHASE, f"epoch {epoch}, chunk {pos['batch']}/{per_epoch} (step {pos['step']})")
-            model.train()
-            head.train()
-            t0 = time.time()
-            start = pos["batch"] * cfg.bptt
-            y = data[:, start + 1 : start + 1 + cfg.bptt]  # (rows, T)
-            x = data[:, start : start + y.size(1)]  # (rows, T)
-            factor = lr_factor(pos["step"], total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-            if rewarm_from is not None:
-                factor *= min(1.0, (pos["step"] - rewarm_from + 1) / max(1, cfg.rewarm_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * factor
-            loss, n, hidden = lm_chunk_loss(model, head, x, y, hidden, cfg.dropout, cfg.bf16)
-            hidden = (hidden[0].detach().float(), hidden[1].detach().float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            pos["batch"] += 1
-            pos["step"] += 1
-            pos["loss_sum"] += float(loss.detach()) * n
-            pos["tokens"] += n
-            pos["seconds"] += time.time() - t0
-            tok_log += n
-            timebox.step()
-            if cfg.log_every and pos["batch"] % cfg.log_every == 0:
-                now = time.time()
-                log(f"lm epoch {epoch} chunk {pos['batch']}/{per_epoch}: train ppl "
-                    f"{math.exp(pos['loss_sum'] / max(1, pos['tokens'])):.1f}, lr {cfg.lr * factor:.2e}, "
-                    f"{tok_log / (now - t_log):.0f} tokens/s")
-                t_log, tok_log = now, 0
-            if timebox.checkpoint_due():
-                checkpoint()
-        entry = {"epoch": epoch,
-                 "train_perplexity": round(math.exp(pos["loss_sum"] / max(1, pos["tokens"])), 2),
-                 "held_out_perplexity": held_out_perplexity(model, head, held_out, cfg.eval_tokens, cfg.bptt),
-                 "tokens": pos["tokens"], "seconds": round(pos["seconds"], 1),
-                 "tokens_per_second": round(pos["tokens"] / max(1e-9, pos["seconds"]))}
-        if probe:
-            entry["probe_validation_accuracy"] = probe(model)
-        phase["history"].append(entry)
-        log(f"lm epoch {epoch}: {entry}")
-        pos.update({"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0, "tokens": 0, "seconds": 0.0})
-        hidden = None
-        checkpoint()
-    phase["done"] = True
-    state.save_info()
-    return {"history": phase["history"], "config": phase["config"], "tokens_per_epoch": n_tokens,
-            "seconds": round(sum(h.get("seconds", 0) for h in phase["history"]), 1)}
+    phase = LanguageModelPhase(model, texts, held_out, cfg, seed, probe, head_weights)
+    record = state.phase(PHASE)
+    TrainingLoop(phase, state, timebox, log).run()
+    return {"history": record["history"], "config": record["config"], "tokens_per_epoch": phase.n_tokens,
+            "seconds": training_seconds(record["history"])}
