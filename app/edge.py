@@ -156,3 +156,25 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return answer(request, ApiError(Errors.INTERNAL_ERROR))
+
+
+def drop_framework_validation_errors(app: FastAPI) -> None:
+    """Remove the 422 ``HTTPValidationError`` that FastAPI documents on every route with parameters:
+    this app's path parameters are plain strings that cannot fail validation, and any error it does
+    send leaves through :func:`error_response` in its protocol's documented shape."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            for operations in spec.get("paths", {}).values():
+                for operation in operations.values():
+                    response = operation.get("responses", {}).get("422", {})
+                    if "HTTPValidationError" in json.dumps(response):
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.auth import ApiKeyGate, load_keys
-from app.edge import install_error_handlers
+from app.edge import drop_framework_validation_errors, install_error_handlers
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.middleware import BodyLimit, RequestContext, RequestTimer, SecurityHeaders, outermost
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None,
     app.state.metrics = metrics
     app.state.settings = settings
     install_error_handlers(app)
+    drop_framework_validation_errors(app)
     app.include_router(router)
     app.include_router(oip_router)
     # Outermost last: the timer sees every response, including the body limit's 413.

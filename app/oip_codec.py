@@ -23,18 +23,24 @@ SCORE_OUTPUTS = ("probability", "label", "num_tokens", "truncated")
 TRACE_OUTPUTS = ("trace_tokens", "trace_probabilities")
 EXPLAIN_OUTPUTS = ("attributions",)
 BINARY_HEADER = "inference-header-content-length"
+TEXT_SCHEMA = {"type": "string", "minLength": 1, "pattern": r"\S"}  # a text holds more than whitespace (else 422)
 
 
+# The schemas below are the protocol's (any names, shapes and types parse), documented with what this
+# model takes, so that clients and schema-driven tests see it; anything else is a 400 that says why.
 class RequestInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
+    name: str = Field(..., json_schema_extra={"enum": [INPUT_NAME]})
+    shape: list[int] = Field(..., description="[N] or [N, 1]: N texts",
+                             json_schema_extra={"minItems": 1, "maxItems": 2, "items": {"type": "integer", "minimum": 1}})
+    datatype: str = Field(..., json_schema_extra={"enum": ["BYTES"]})
     parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None  # absent when the tensor travels in the binary extension
+    data: list[Any] | None = Field(None, description=(
+        "the N texts, flat or nested by shape; absent with the binary tensor extension"),
+        json_schema_extra={"items": {"anyOf": [TEXT_SCHEMA, {"type": "array", "items": TEXT_SCHEMA}]}})
 
 
 class RequestOutput(BaseModel):
-    name: str
+    name: str = Field(..., json_schema_extra={"enum": list(SCORE_OUTPUTS + TRACE_OUTPUTS + EXPLAIN_OUTPUTS)})
     parameters: dict[str, Any] | None = None
 
 
@@ -47,7 +53,7 @@ class InferenceRequest(BaseModel):
 
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[RequestInput] = Field(..., min_length=1)
+    inputs: list[RequestInput] = Field(..., min_length=1, json_schema_extra={"maxItems": 1})
     outputs: list[RequestOutput] | None = None
 
 

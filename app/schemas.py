@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from sentiment import LABEL_THRESHOLD
 
@@ -17,11 +17,18 @@ EXAMPLE_TEXTS = [
 class PredictRequest(BaseModel):
     """Texts to score. Limits (texts per request, characters per text) are service settings."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": EXAMPLE_TEXTS, "trace": False}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"texts": EXAMPLE_TEXTS, "trace": False}],
+        # Documents the validator below, so that generated clients and schema-driven tests know it.
+        "if": {"properties": {"gates": {"const": True}}, "required": ["gates"]},
+        "then": {"properties": {"trace": {"const": True}}, "required": ["trace"]}})
 
-    texts: list[str] = Field(..., min_length=1, description="reviews to score, in order")
-    trace: bool = Field(False, description="also return the running probability after every token")
-    gates: bool = Field(False, description=(
+    # Each text must hold something besides whitespace (422 empty_text); the limits on count and
+    # length are settings (413), listed by /v1/model.
+    texts: list[str] = Field(..., min_length=1, description="reviews to score, in order",
+                             json_schema_extra={"items": {"type": "string", "minLength": 1, "pattern": r"\S"}})
+    trace: StrictBool = Field(False, description="also return the running probability after every token")
+    gates: StrictBool = Field(False, description=(
         "with trace: also return the top LSTM layer's mean input/forget/output gate activation and "
         "cell-state norm after every token (recomputed step by step from the same weights; slower)"))
 
