@@ -1,5 +1,8 @@
 """Hostile and careless clients, stuck models and faults, against the real app (TestClient runs the
-lifespan) with the tiny model, or with a fault-injecting engine where HTTP cannot reach the fault."""
+lifespan) with the tiny model, or with a fault-injecting engine where HTTP cannot reach the fault.
+
+Every test that needs no injected fault runs against both scorers: the in-process engine and the
+worker pool (one model-worker process per core: what ``python -m app`` runs by default)."""
 
 from __future__ import annotations
 
@@ -30,6 +33,34 @@ HOSTILE = {
 }
 
 
+SCORERS = {"in_process": 0, "worker_pool": 2}  # SENTIMENT_WORKERS of each
+
+
+@pytest.fixture(params=list(SCORERS))
+def make_served_client(request, make_client):
+    """``make_client`` for each scorer in turn."""
+    def make(**overrides):
+        client = make_client(workers=SCORERS[request.param], **overrides)
+        assert client.get("/v1/model").json()["workers"] == SCORERS[request.param]
+        return client
+
+    return make
+
+
+@pytest.fixture(scope="module", params=list(SCORERS))
+def served_client(request, tiny_artifacts):
+    """One client with default settings per scorer, shared by the module's tests."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import wait_ready
+
+    with TestClient(create_app(Settings(artifacts_dir=tiny_artifacts, workers=SCORERS[request.param]))) as client:
+        wait_ready(client)
+        assert client.get("/v1/model").json()["workers"] == SCORERS[request.param]
+        yield client
+
+
 def post_raw(client, texts: list[str], **extra):
     # ensure_ascii escapes lone surrogates as "\ud800", which is valid JSON (as a hostile client sends it)
     body = json.dumps({"texts": texts, **extra}, ensure_ascii=True).encode()
@@ -37,8 +68,8 @@ def post_raw(client, texts: list[str], **extra):
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_any_string_gets_an_answer_or_a_4xx_that_names_it(make_client, name: str) -> None:
-    client = make_client()
+def test_any_string_gets_an_answer_or_a_4xx_that_names_it(served_client, name: str) -> None:
+    client = served_client
     r = post_raw(client, ["good film", HOSTILE[name]])
     assert r.status_code < 500, r.text
     if r.status_code == 200:
@@ -52,8 +83,8 @@ def test_any_string_gets_an_answer_or_a_4xx_that_names_it(make_client, name: str
     assert client.get("/health/live").status_code == 200
 
 
-def test_a_hostile_request_does_not_touch_its_batch_neighbours(make_client) -> None:
-    client = make_client(max_wait_ms=20)
+def test_a_hostile_request_does_not_touch_its_batch_neighbours(make_served_client) -> None:
+    client = make_served_client(max_wait_ms=20)
     alone = {t: client.post("/v1/predict", json={"texts": [t]}).json()["predictions"][0]["probability"] for t in GOOD}
     payloads = [[HOSTILE[n]] for n in HOSTILE] * 3 + [[t] for t in GOOD] * 6
     with ThreadPoolExecutor(16) as pool:
@@ -77,22 +108,15 @@ def test_property_never_a_5xx_and_neighbours_unaffected(make_client_once, texts:
 
 
 @pytest.fixture(scope="module")
-def make_client_once(tiny_artifacts):
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-    from tests.conftest import wait_ready
-
-    with TestClient(create_app(Settings(artifacts_dir=tiny_artifacts))) as client:
-        wait_ready(client)
-        reference = client.post("/v1/predict", json={"texts": [GOOD[0]]}).json()["predictions"][0]["probability"]
-        yield client, reference
+def make_client_once(served_client):
+    reference = served_client.post("/v1/predict", json={"texts": [GOOD[0]]}).json()["predictions"][0]["probability"]
+    return served_client, reference
 
 
 # ---- bodies -------------------------------------------------------------------------------------
 
-def test_a_body_over_the_limit_is_refused_before_parsing(make_client) -> None:
-    client = make_client(max_body_bytes=1000)
+def test_a_body_over_the_limit_is_refused_before_parsing(make_served_client) -> None:
+    client = make_served_client(max_body_bytes=1000)
     big = json.dumps({"texts": ["good film " * 150]}).encode()
     r = client.post("/v1/predict", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large" and "1000" in r.json()["error"]["message"]
@@ -114,14 +138,14 @@ def test_the_default_limit_admits_the_largest_legal_request(tiny_artifacts) -> N
     assert len(worst) <= s.body_limit < 17_000_000
 
 
-def test_deep_nesting_is_malformed_json_not_a_crash(make_client) -> None:
-    client = make_client()
+def test_deep_nesting_is_malformed_json_not_a_crash(served_client) -> None:
+    client = served_client
     for body in (b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"[" * 1_000_000):
         r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json", r.text[:200]
 
 
-def test_large_bodies_are_parsed_off_the_event_loop(make_client, monkeypatch) -> None:
+def test_large_bodies_are_parsed_off_the_event_loop(served_client, monkeypatch) -> None:
     import app.edge as edge
     import app.routes as routes
 
@@ -133,7 +157,7 @@ def test_large_bodies_are_parsed_off_the_event_loop(make_client, monkeypatch) ->
         return await original(fn, *args)
 
     monkeypatch.setattr(edge, "run_in_threadpool", recording)
-    client = make_client()
+    client = served_client
     assert client.post("/v1/predict", json={"texts": ["good film"]}).status_code == 200
     assert threads == []  # small: parsed inline
     assert client.post("/v1/predict", json={"texts": ["good film " * 2000] * 8}).status_code == 200
@@ -215,8 +239,8 @@ def test_a_hung_forward_pass_fails_readiness_then_liveness(make_client) -> None:
     assert client.get("/health/ready").status_code == 200 and client.get("/health/live").status_code == 200
 
 
-def test_a_dead_batch_worker_fails_readiness_and_liveness(make_client) -> None:
-    client = make_client()
+def test_a_dead_batch_worker_fails_readiness_and_liveness(make_served_client) -> None:
+    client = make_served_client()
     batcher = client.app.state.service.batcher
 
     def broken(batch):
@@ -262,8 +286,8 @@ async def test_a_request_cancelled_by_the_server_drops_its_queued_texts(tiny_art
 
 # ---- leak nothing, invite nothing ---------------------------------------------------------------
 
-def test_pages_carry_security_headers_and_redoc_is_gone(make_client) -> None:
-    client = make_client()
+def test_pages_carry_security_headers_and_redoc_is_gone(served_client) -> None:
+    client = served_client
     for path in ("/", "/docs", "/v1/model", "/static/viewer.js"):
         r = client.get(path)
         assert r.status_code == 200, path
@@ -273,8 +297,8 @@ def test_pages_carry_security_headers_and_redoc_is_gone(make_client) -> None:
     assert client.get("/redoc").status_code == 404
 
 
-def test_process_metrics_are_exported(make_client) -> None:
-    text = make_client().get("/metrics").text
+def test_process_metrics_are_exported(served_client) -> None:
+    text = served_client.get("/metrics").text
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "sentiment_queue_cost",
                  "sentiment_queue_estimated_wait_seconds"):
         assert name in text, name
