@@ -6,10 +6,8 @@ exception. Policy:
 
 * The worker takes what is queued (up to ``max_batch_size`` items and ``max_batch_cost``) as soon
   as the model is free, so under load the batch grows by itself while the previous batch runs.
-* **Fairness**: the next item always comes from the waiting submission that has been served the
-  least work so far (start-time fair queuing by cost; a newcomer starts level with the least-served
-  one), so a one-word request goes into the very next batch however much work other callers have
-  queued, and heavy callers share the model in proportion to nothing but their turn.
+* **Fairness**: items are taken least-served submission first (:mod:`app.fair_queue`), so a
+  one-word request goes into the very next batch however much others have queued.
 * A lone request at idle runs at once: the worker only lingers (up to ``max_wait_s``) for more
   items when the previous batch showed concurrent traffic (it had more than one item).
 * **Batches in flight**: up to ``max_in_flight`` batches run at once (one per model-worker process);
@@ -31,15 +29,15 @@ exception. Policy:
 from __future__ import annotations
 
 import asyncio
-import collections
-import heapq
 import itertools
 import logging
 import math
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import Callable, Generic, Protocol, Sequence, TypeVar
+
+from app.fair_queue import FairQueue, Pending
+from app.throughput import Throughput
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,29 +45,12 @@ T_contra = TypeVar("T_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)
 log = logging.getLogger(__name__)
 
-# Throughput for the wait estimate: the best cost rate of the last RATE_WINDOW batches that held at
-# least min(max_batch_size, RATE_MIN_ITEMS) items or reached max_batch_cost. Small batches are dominated by fixed overhead (one
-# short text alone costs ~30× its share of a batch of 64) and would overstate waits; the best recent
-# rate errs the other way, so a request is shed only when even that rate cannot serve it in time.
-RATE_WINDOW = 32
-RATE_MIN_ITEMS = 8
-
-
 class QueueFullError(RuntimeError):
     """The queue cannot take the submission now; retry later."""
 
 
 class BatcherClosedError(RuntimeError):
     """The batcher is draining or stopped and takes no new work."""
-
-
-@dataclass
-class _Pending(Generic[T]):
-    item: T
-    future: asyncio.Future
-    cost: float
-    group: int  # which submission it came from (fairness, cancellation)
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class BatchProcessor(Protocol[T_contra, R_co]):
@@ -109,13 +90,8 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_cost = max_batch_cost
         self.max_in_flight = max_in_flight
         self._on_batch = on_batch
-        # submission id → its items not yet taken; work served to it so far; who is next (least served).
-        self._groups: dict[int, collections.deque[_Pending[T]]] = {}
-        self._served: dict[int, float] = {}
-        self._turns: list[tuple[float, int]] = []  # heap of (served, group); stale entries are skipped
+        self._queue: FairQueue[T] = FairQueue()
         self._ids = itertools.count()
-        self._depth = 0
-        self._queued_cost = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -124,17 +100,17 @@ class MicroBatcher(Generic[T, R]):
         self._running: dict[int, tuple[float, float]] = {}
         self._running_items = 0
         self._batch_tasks: set[asyncio.Task] = set()
-        self._rates: collections.deque[float] = collections.deque(maxlen=RATE_WINDOW)
+        self._throughput = Throughput(max_in_flight, max_batch_size, max_batch_cost)
 
     @property
     def depth(self) -> int:
         """Live items waiting in the queue (not yet in a running batch)."""
-        return self._depth
+        return self._queue.depth
 
     @property
     def queued_cost(self) -> float:
         """Total cost of the live items waiting in the queue."""
-        return self._queued_cost
+        return self._queue.cost
 
     @property
     def closed(self) -> bool:
@@ -158,26 +134,17 @@ class MicroBatcher(Generic[T, R]):
 
     @property
     def cost_per_s(self) -> float | None:
-        """Best recent throughput, in cost units per second, of all ``max_in_flight`` batch slots
-        together (None before a batch of at least ``min(max_batch_size, RATE_MIN_ITEMS)`` items
-        was measured)."""
-        return max(self._rates) * self.max_in_flight if self._rates else None
+        """Best recent throughput, in cost units per second, of all batch slots together."""
+        return self._throughput.cost_per_s
 
     def estimated_wait_s(self, extra_cost: float = 0.0) -> float:
-        """Predicted time until ``extra_cost`` more work would be done: what is queued plus the rest
-        of the running batches, at the measured throughput (0 before any batch was measured)."""
-        rate = self.cost_per_s
-        if not rate:
-            return 0.0
-        slot_rate = rate / self.max_in_flight
-        now = time.monotonic()
-        running_left = sum(max(0.0, cost - slot_rate * (now - since)) for since, cost in self._running.values())
-        return (running_left + self._queued_cost + extra_cost) / rate
+        """Predicted time until ``extra_cost`` more work would be done (0 before any measurement)."""
+        return self._throughput.wait_s(self._running.values(), self._queue.cost, extra_cost)
 
     @property
     def idle(self) -> bool:
         """Nothing queued and nothing running."""
-        return not self._running and not self._groups
+        return not self._running and not self._queue
 
     def start(self) -> None:
         """Start the worker task on the running loop."""
@@ -197,35 +164,23 @@ class MicroBatcher(Generic[T, R]):
         total = sum(costs)
         # An empty queue takes any one submission (an explained text is several items), so a valid
         # request on an idle service is never refused.
-        if self._depth and self._depth + len(items) > self.max_queue:
-            raise QueueFullError(f"queue is full ({self._depth} of {self.max_queue} items waiting)")
-        if self._depth and self._queued_cost + total > self.max_queue_cost:
-            raise QueueFullError(f"queue is full ({self._queued_cost:.0f} of {self.max_queue_cost:.0f} work units waiting)")
+        queue = self._queue
+        if queue.depth and queue.depth + len(items) > self.max_queue:
+            raise QueueFullError(f"queue is full ({queue.depth} of {self.max_queue} items waiting)")
+        if queue.depth and queue.cost + total > self.max_queue_cost:
+            raise QueueFullError(f"queue is full ({queue.cost:.0f} of {self.max_queue_cost:.0f} work units waiting)")
         loop = asyncio.get_running_loop()
         group = next(self._ids)
-        pending = [_Pending(item, loop.create_future(), cost, group) for item, cost in zip(items, costs)]
-        self._groups[group] = collections.deque(pending)
-        # A newcomer starts level with the least-served waiting submission: no credit for having been away.
-        self._served[group] = min((self._served[g] for g in self._groups if g != group), default=0.0)
-        heapq.heappush(self._turns, (self._served[group], group))
-        self._depth += len(pending)
-        self._queued_cost += total
+        pending = [Pending(item, loop.create_future(), cost, group) for item, cost in zip(items, costs)]
+        queue.add(group, pending)
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*(p.future for p in pending), return_exceptions=True))
         except BaseException:
-            self._forget(group)
+            queue.forget(group)  # its waiting items go now, so depth and cost count live work only
             for p in pending:
                 p.future.cancel()  # no-op for finished ones
             raise
-
-    def _forget(self, group: int) -> None:
-        """Drop a cancelled submission's queued items now, so depth and cost count live work only."""
-        left = self._groups.pop(group, None)
-        self._served.pop(group, None)
-        if left:
-            self._depth -= len(left)
-            self._queued_cost -= sum(p.cost for p in left)
 
     async def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
         """Refuse new work; finish what is queued (``drain``) or fail it; stop the worker.
@@ -242,18 +197,17 @@ class MicroBatcher(Generic[T, R]):
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except asyncio.TimeoutError:
-            log.warning("drain did not finish within %.1fs; failing %d queued texts", timeout_s, self._depth)
+            log.warning("drain did not finish within %.1fs; failing %d queued texts", timeout_s, self._queue.depth)
             self._fail_queued()
         except Exception:  # the worker had already died (logged by whoever watches it)
             pass
         self._task = None
 
     def _fail_queued(self, reason: str = "the service is shutting down") -> None:
-        for group in list(self._groups):
-            for p in self._groups[group]:
+        for group in self._queue.groups():
+            for p in self._queue.forget(group):
                 if not p.future.done():
                     p.future.set_exception(BatcherClosedError(reason))
-            self._forget(group)
 
     def _limits(self, taken: int = 0, taken_cost: float = 0.0) -> tuple[int, float]:
         """Most items and most cost for the next batch (``taken`` items of ``taken_cost`` already in
@@ -262,36 +216,23 @@ class MicroBatcher(Generic[T, R]):
         outstanding work (queued + running): batches of equal work take equal time."""
         if len(self._running) >= self.max_in_flight - 1:
             return self.max_batch_size, self.max_batch_cost
-        share = math.ceil((self._depth + self._running_items + taken) / self.max_in_flight)
+        share = math.ceil((self._queue.depth + self._running_items + taken) / self.max_in_flight)
         running_cost = sum(c for _, c in self._running.values())
-        cost_share = (self._queued_cost + running_cost + taken_cost) / self.max_in_flight
+        cost_share = (self._queue.cost + running_cost + taken_cost) / self.max_in_flight
         return max(1, min(self.max_batch_size, share)), min(self.max_batch_cost, cost_share)
 
-    def _take(self, batch: list[_Pending[T]]) -> None:
+    def _take(self, batch: list[Pending[T]]) -> None:
         """Add items, least-served submission first, until the batch is full (count or cost)."""
         cost = sum(p.cost for p in batch)
         limit, cost_limit = self._limits(len(batch), cost)
         limit = max(len(batch), limit)
-        while self._turns and len(batch) < limit and (not batch or cost < cost_limit):
-            served, group = heapq.heappop(self._turns)
-            items = self._groups.get(group)
-            if items is None or self._served.get(group) != served:
-                continue  # a cancelled submission, or an outdated turn
-            p = items.popleft()
-            self._depth -= 1
-            self._queued_cost -= p.cost
-            if items:
-                self._served[group] = served + p.cost
-                heapq.heappush(self._turns, (served + p.cost, group))
-            else:
-                del self._groups[group]
-                del self._served[group]
+        while len(batch) < limit and (not batch or cost < cost_limit):
+            p = self._queue.pop()
+            if p is None:
+                break
             if not p.future.done():
                 batch.append(p)
                 cost += p.cost
-        if not self._groups:
-            self._queued_cost = 0.0  # no float drift when the queue empties
-            self._turns.clear()
 
     async def _run(self) -> None:
         try:
@@ -305,16 +246,16 @@ class MicroBatcher(Generic[T, R]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._groups and self._closing:
+            if not self._queue and self._closing:
                 # Draining: what is queued has been handed out; wait for the batches still running.
                 while self._batch_tasks:
                     await asyncio.wait(set(self._batch_tasks))
                 return
-            if not self._groups or len(self._running) >= self.max_in_flight:
+            if not self._queue or len(self._running) >= self.max_in_flight:
                 self._wakeup.clear()
                 await self._wakeup.wait()  # set by a submission, a finished batch, or stop()
                 continue
-            batch: list[_Pending[T]] = []
+            batch: list[Pending[T]] = []
             self._take(batch)
             # Linger for more only when traffic is concurrent; a lone request never waits.
             if self._last_batch_size > 1 and len(batch) < self._limits(len(batch))[0] and self.max_wait_s > 0:
@@ -345,7 +286,7 @@ class MicroBatcher(Generic[T, R]):
         if not task.cancelled() and task.exception() is not None:  # a bug in _run_batch itself
             log.error("batch task failed", exc_info=task.exception())
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch_id: int, batch: list[_Pending[T]]) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch_id: int, batch: list[Pending[T]]) -> None:
         started = time.perf_counter()
         waits = [started - p.enqueued for p in batch]
         cost = self._running[batch_id][1]
@@ -360,9 +301,7 @@ class MicroBatcher(Generic[T, R]):
             del self._running[batch_id]
             self._running_items -= len(batch)
         elapsed = time.perf_counter() - started
-        full = len(batch) >= min(self.max_batch_size, RATE_MIN_ITEMS) or cost >= self.max_batch_cost
-        if elapsed > 0 and full:
-            self._rates.append(cost / elapsed)
+        self._throughput.record(len(batch), cost, elapsed)
         for p, result in zip(batch, results):
             if p.future.done():
                 continue
