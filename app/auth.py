@@ -3,7 +3,7 @@
 With no key configured the endpoints are open. With keys, ``POST /v1/predict`` and the v2 ``infer``
 endpoints need ``Authorization: Bearer <key>``; health, metrics, metadata and the viewer's static
 page stay open (probes and scrapers carry no secrets). Keys are compared in constant time and are
-never logged. TLS is the ingress's job (README, "Deployment").
+never logged. TLS is the ingress's job (docs/api.md, "API keys").
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ DEFAULT_ARTIFACTS = Path(__file__).resolve().parent.parent / "model_artifacts"
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; each field is the env var ``SENTIMENT_<NAME>`` (see README)."""
+    """Every knob of the service; each field is the env var ``SENTIMENT_<NAME>`` (docs/configuration.md)."""
 
     model_config = SettingsConfigDict(env_prefix="SENTIMENT_", extra="ignore")
 

@@ -37,7 +37,7 @@ MIN_PASS_ROWS = 4
 # in 100 s of load (and on). 16 keeps it at ~400 MB at no measurable cost in speed.
 ONEDNN_PRIMITIVE_CACHE = "16"
 # Arithmetic of the forward pass. fp32 is exact and batch-invariant; the others trade that for speed
-# (README "Precision": accuracy, speed-up and invariance bound of each, measured).
+# (docs/performance.md, "Precision": accuracy, speed-up and invariance bound of each, measured).
 PRECISIONS = ("fp32", "bf16", "int8")
 
 

@@ -142,3 +142,25 @@ def test_the_position_is_written_as_checkpoints_have_always_had_it() -> None:
     assert list(position.to_dict().items()) == list(saved.items())  # same keys, same order
     position.next_epoch()
     assert position.to_dict() == {"epoch": 3, "batch": 0, "step": 7, "loss_sum": 0.0, "seen": 0, "seconds": 0.0}
+
+
+def test_an_exact_resume_inside_a_rewarm_up_keeps_rewarming(tmp_path) -> None:
+    # Reference: stop at step 5, resume from the committed state alone, run to the end uninterrupted.
+    with pytest.raises(TimeBoxReached):
+        run(tmp_path / "ref", ToyPhase(), steps=5)
+    for exact in (tmp_path / "ref" / "ckpt").iterdir():
+        exact.unlink()
+    reference = ToyPhase()
+    run(tmp_path / "ref", reference)
+    # The same, but stopped again two steps into the four-step re-warm-up and resumed exactly.
+    with pytest.raises(TimeBoxReached):
+        run(tmp_path / "cut", ToyPhase(), steps=5)
+    for exact in (tmp_path / "cut" / "ckpt").iterdir():
+        exact.unlink()
+    first = ToyPhase()
+    with pytest.raises(TimeBoxReached):
+        run(tmp_path / "cut", first, steps=2)
+    second = ToyPhase()
+    run(tmp_path / "cut", second)
+    assert first.lrs + second.lrs == reference.lrs  # the rate still ramps where the re-warm-up left off
+    assert all(torch.equal(reference.model.state_dict()[k], v) for k, v in second.model.state_dict().items())

@@ -165,7 +165,7 @@ class LoopState(Generic[Tally]):
     """What the loop carries from step to step: the position (checkpointed) and the re-warm-up's start."""
 
     position: Position[Tally]
-    rewarm_from: int | None = None  # set by a resume from the committed fp16 state; not checkpointed
+    rewarm_from: int | None = None  # set by a resume from the committed fp16 state; kept in the exact checkpoint
 
 
 def training_seconds(history: list[dict[str, Any]]) -> float:
@@ -228,6 +228,8 @@ class TrainingLoop(Generic[Tally]):
         self.phase.restore(small, full)
         if full:
             self.phase.optimizer.load_state_dict(full["optimizer"])
+            # A re-warm-up still under way when the exact checkpoint was written carries on.
+            self.loop.rewarm_from = full.get("rewarm_from")
             self.log(f"{self.plan.title}: resumed exactly at {where}")
         else:
             self.loop.rewarm_from = pos.step
@@ -291,5 +293,6 @@ class TrainingLoop(Generic[Tally]):
                      "weights": compact(weights)}
         exact = {**header, "weights": weights}
         if final_weights is None:
-            exact.update({**self.phase.exact_extras(), "optimizer": self.phase.optimizer.state_dict()})
+            exact.update({**self.phase.exact_extras(), "optimizer": self.phase.optimizer.state_dict(),
+                          "rewarm_from": self.loop.rewarm_from})
         self.state.save_phase(self.plan.name, committed, exact)
