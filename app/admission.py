@@ -76,30 +76,41 @@ def validate_texts(texts: Sequence[str], settings: Settings, explain: bool = Fal
 
 
 def work_items(text: str, trace: bool, gates: bool, explain: bool, model: ModelSummary) -> list[tuple[ScoreRequest, float]]:
-    """The queue items for one text, each with its cost.
+    """The queue items for one text, each with its cost (:func:`item_cost`).
 
-    A text is one item, costed at its characters up to what truncation keeps (about
-    ``CHARS_PER_TOKEN`` × max_tokens) plus a fixed overhead; a gate trace (a step-by-step unrolled
-    LSTM) costs ``GATES_COST_FACTOR`` ×. An explanation scores the text once more per token, so it is
-    split into items of ``EXPLAIN_CHUNK_TOKENS`` positions each: the batcher can then serve other
-    requests between them, and a light request never waits behind a whole explanation.
+    A text is one item. An explanation scores the text once more per token, so it is split into
+    items of ``EXPLAIN_CHUNK_TOKENS`` positions each: the batcher can then serve other requests
+    between them, and a light request never waits behind a whole explanation.
     """
-    kept = min(len(text), CHARS_PER_TOKEN * model.max_tokens)
-    chars = kept + TEXT_OVERHEAD_CHARS
-    first = ScoreRequest(text, trace, gates)
     if not explain:
-        return [(first, chars * (GATES_COST_FACTOR if gates else 1))]
-    # Tokens, estimated: ~5 characters each, but never fewer than the whitespace-separated words
-    # (a hostile text of one-letter words must not be charged for a fifth of its work).
-    estimated = min(max(kept / EXPLAIN_CHARS_PER_TOKEN, len(text[:kept].split())), model.max_explain_tokens)
+        first = ScoreRequest(text, trace, gates)
+        return [(first, item_cost(first, model))]
     bound = min(len(text), model.max_explain_tokens)  # a token has at least one character
     items = []
     for start in range(0, bound, EXPLAIN_CHUNK_TOKENS):
-        stop = start + EXPLAIN_CHUNK_TOKENS
-        request = ScoreRequest(text, trace and not start, gates and not start, True, (start, stop))
-        base = chars * (GATES_COST_FACTOR if request.gates else 1)
-        items.append((request, base + chars * max(0.0, min(stop, estimated) - start)))
+        request = ScoreRequest(text, trace and not start, gates and not start, True, (start, start + EXPLAIN_CHUNK_TOKENS))
+        items.append((request, item_cost(request, model)))
     return items
+
+
+def item_cost(request: ScoreRequest, model: ModelSummary) -> float:
+    """The work one queue item brings, in characters the tokenizer and model will see.
+
+    A text costs its characters up to what truncation keeps (about ``CHARS_PER_TOKEN`` × max_tokens)
+    plus a fixed overhead; a gate trace (a step-by-step unrolled LSTM) ``GATES_COST_FACTOR`` ×; an
+    explanation item that much again for each position of its span that the text (probably) has.
+    """
+    text = request.text
+    kept = min(len(text), CHARS_PER_TOKEN * model.max_tokens)
+    chars = kept + TEXT_OVERHEAD_CHARS
+    cost = chars * (GATES_COST_FACTOR if request.gates else 1)
+    if request.explain_span is None:
+        return cost
+    # Tokens, estimated: ~5 characters each, but never fewer than the whitespace-separated words
+    # (a hostile text of one-letter words must not be charged for a fifth of its work).
+    estimated = min(max(kept / EXPLAIN_CHARS_PER_TOKEN, len(text[:kept].split())), model.max_explain_tokens)
+    start, stop = request.explain_span
+    return cost + chars * max(0.0, min(stop, estimated) - start)
 
 
 def text_cost(text: str, gates: bool, model: ModelSummary, explain: bool = False) -> float:

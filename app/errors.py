@@ -52,6 +52,7 @@ class Errors:
     INVALID_REQUEST = ErrorKind(422, "invalid_request", "invalid request: {summary}")
     EMPTY_TEXT = ErrorKind(422, "empty_text", "{count} invalid text(s): {summary}")
     INVALID_UNICODE = ErrorKind(422, "invalid_unicode", "{count} invalid text(s): {summary}")
+    TEXT_CRASHED_WORKER = ErrorKind(422, "text_crashed_worker", "{count} text(s) cannot be scored: {summary}")
     CLIENT_DISCONNECTED = ErrorKind(499, "client_disconnected", "client closed the connection before the answer")
     INTERNAL_ERROR = ErrorKind(500, "internal_error", "internal error; see the service log")
     TEXT_FAILED = ErrorKind(500, "text_failed", "texts[{index}] could not be scored; see the service log")
@@ -59,8 +60,8 @@ class Errors:
     NOT_READY_FAILED = ErrorKind(503, "not_ready_failed", "service is not ready: {detail}")
     NOT_READY_DRAINING = ErrorKind(503, "not_ready_draining", "service is not ready: {detail}", RETRY_AFTER_NOT_READY_S)
     NOT_READY_STUCK = ErrorKind(503, "not_ready_stuck", "service is not ready: {detail}", RETRY_AFTER_NOT_READY_S)
-    WORKER_RESTARTED = ErrorKind(503, "worker_restarted", "a model worker exited while scoring this request and is "
-                                 "being replaced; retry", RETRY_AFTER_NOT_READY_S)
+    WORKER_RESTARTED = ErrorKind(503, "worker_restarted", "no model worker could score this request (its workers "
+                                 "are being replaced, or it is shutting down); retry", RETRY_AFTER_NOT_READY_S)
     OVERLOADED = ErrorKind(503, "overloaded", "service is overloaded: {reason}; retry shortly", RETRY_AFTER_OVERLOADED_S)
     TIMEOUT = ErrorKind(504, "timeout", "no answer within {seconds:g}s; the service is overloaded or the request too large")
 

@@ -134,7 +134,9 @@ class Lifecycle:
             return False, "stuck", f"a batch has been running for {running:.0f}s"
         if self.state is State.READY and (detail := self.scorer.unready_detail()) is not None:
             return False, "restarting", detail
-        return self.state is State.READY, self.state.value, self.detail
+        if self.state is State.READY:  # ready while anything serves; a shortfall is reported, not fatal
+            return True, "ready", self.scorer.degraded_detail()
+        return False, self.state.value, self.detail
 
     def require_serving(self) -> ModelSummary:
         """The model being served, or the 503 that says why no prediction can be taken now."""

@@ -66,6 +66,21 @@ class ServiceMetrics:
             "the server process).", registry=r)
         self.worker_restarts = Counter(
             "sentiment_worker_restarts", "Model-worker processes that exited and were replaced.", registry=r)
+        self.workers = Gauge(
+            "sentiment_workers", "Model-worker processes the pool runs when whole (0: the model runs in the "
+            "server process); compare with sentiment_workers_ready.", registry=r)
+        self.worker_failures = Counter(
+            "sentiment_worker_failures", "Model workers killed and replaced, by why: exit (it died), deadline "
+            "(no answer in time: frozen or stuck), bad_reply (an answer that could not be decoded).",
+            ["reason"], registry=r)
+        for reason in ("exit", "deadline", "bad_reply"):
+            self.worker_failures.labels(reason=reason)
+        self.retried_texts = Counter(
+            "sentiment_retried_texts", "Texts scored again, alone, after the worker holding their batch failed.",
+            registry=r)
+        self.poison_texts = Counter(
+            "sentiment_poison_texts", "Texts refused because they made a model worker fail twice, the second "
+            "time alone.", registry=r)
         self.worker_memory = Gauge(
             "sentiment_worker_resident_memory_bytes", "Resident memory of each model-worker process.", ["worker"],
             registry=r)

@@ -28,7 +28,18 @@ EngineFactory = Callable[[Settings], SentimentEngine]
 
 
 class BatchLostError(RuntimeError):
-    """The process scoring this batch exited before answering; its texts can be retried."""
+    """No answer could be had for this batch (the scorer is shutting down); its texts can be retried."""
+
+
+class TextRejectedError(RuntimeError):
+    """The scorer refuses this text: it made a model worker fail twice, the second time alone."""
+
+    def __init__(self, ttl_s: float) -> None:
+        super().__init__(f"this text made a model worker fail twice; it is refused for {ttl_s:.0f}s")
+        self.ttl_s = ttl_s
+
+    def __reduce__(self) -> tuple[Any, tuple[float]]:
+        return TextRejectedError, (self.ttl_s,)
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,14 @@ class ModelSummary:
     max_tokens: int
     max_explain_tokens: int
     workers: int = 0  # model-worker processes scoring for the front (0: it scores in-process)
+    checksum: str = ""  # sha256 of model.pt, verified against the card when it was loaded
 
     @classmethod
     def of(cls, engine: SentimentEngine, workers: int = 0) -> "ModelSummary":
         """The summary of a loaded engine."""
-        return cls(engine.version, str(engine.device), engine.precision, engine.artifacts.card,
-                   len(engine.artifacts.vocab), engine.max_tokens, engine.max_explain_tokens, workers)
+        card = engine.artifacts.card
+        return cls(engine.version, str(engine.device), engine.precision, card, len(engine.artifacts.vocab),
+                   engine.max_tokens, engine.max_explain_tokens, workers, str(card.get("files", {}).get("model.pt", "")))
 
 
 class Scorer(Protocol):
@@ -64,7 +77,11 @@ class Scorer(Protocol):
     def score(self, requests: list[ScoreRequest]) -> ScoredBatch: ...
 
     def unready_detail(self) -> str | None:
-        """Why it cannot take its full share of work now (None: it can)."""
+        """Why it cannot score anything now (None: it can)."""
+        ...
+
+    def degraded_detail(self) -> str | None:
+        """Why it scores with less than its full capacity now (None: it has all of it)."""
         ...
 
     def resident_bytes(self) -> int:
@@ -111,6 +128,9 @@ class InProcessScorer:
     def unready_detail(self) -> str | None:
         return None
 
+    def degraded_detail(self) -> str | None:
+        return None
+
     def resident_bytes(self) -> int:
         return 0
 
@@ -137,7 +157,12 @@ def build_scorer(settings: Settings, metrics: ServiceMetrics, on_fatal: Callable
         return InProcessScorer(settings, engine_factory)
     from app.workers import WorkerConfig, WorkerPool
 
-    pool = WorkerPool(WorkerConfig.of(settings), count, on_restart=metrics.worker_restarts.inc, on_fatal=on_fatal)
+    pool = WorkerPool(WorkerConfig.of(settings), count, on_restart=metrics.worker_restarts.inc, on_fatal=on_fatal,
+                      deadline_floor_s=settings.batch_deadline_floor_s, deadline_cap_s=settings.batch_deadline_cap_s,
+                      poison_ttl_s=settings.poison_ttl_s,
+                      on_failure=lambda reason: metrics.worker_failures.labels(reason=reason).inc(),
+                      on_poison=metrics.poison_texts.inc, on_retry=metrics.retried_texts.inc)
+    metrics.workers.set(count)
     metrics.workers_ready.set_function(lambda: pool.ready)
     for i in range(count):
         metrics.worker_memory.labels(worker=str(i)).set_function(lambda i=i: pool.worker_bytes().get(i, 0))

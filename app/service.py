@@ -28,7 +28,7 @@ from app.errors import ApiError, Errors
 from app.lifecycle import Lifecycle, State
 from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
-from app.scorer import BatchLostError, EngineFactory, ModelSummary
+from app.scorer import BatchLostError, EngineFactory, ModelSummary, TextRejectedError
 from app.settings import Settings
 from app.tracing import RequestTimings, current_timings, record_batch
 from sentiment import label_of
@@ -143,7 +143,9 @@ class SentimentService:
             elif isinstance(outcome, ExplainTooLongError):
                 problems.append((Errors.EXPLAIN_TOO_LONG, i, f"{outcome} (SENTIMENT_MAX_EXPLAIN_TOKENS); "
                                  "explain a shorter text or ask without \"explain\""))
-            elif isinstance(outcome, BatchLostError):  # the batch's process died; a replacement is starting
+            elif isinstance(outcome, TextRejectedError):  # it broke a model worker twice: retrying cannot help
+                problems.append((Errors.TEXT_CRASHED_WORKER, i, str(outcome)))
+            elif isinstance(outcome, BatchLostError):  # no worker could take the batch (shutting down)
                 raise ApiError(Errors.WORKER_RESTARTED)
             elif isinstance(outcome, BatcherClosedError):  # drain out of time, or the batcher died
                 kind = Errors.NOT_READY_FAILED if self.lifecycle.state is State.FAILED else Errors.NOT_READY_DRAINING

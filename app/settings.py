@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     # Faults
     stuck_batch_s: float = Field(60.0, gt=0, description="a batch running longer turns readiness 503 (model stuck)")
     stuck_liveness_s: float = Field(120.0, gt=0, description="a batch running longer fails liveness too (restart me)")
+    batch_deadline_floor_s: float = Field(2.0, gt=0, description=(
+        "shortest time a model worker gets for a batch; a batch's deadline is 8x its predicted duration at "
+        "the measured throughput, within this floor and the cap. A worker past it is killed and replaced, "
+        "and the batch's texts are scored again elsewhere"))
+    batch_deadline_cap_s: float = Field(20.0, gt=0, description=(
+        "longest time a model worker gets for a batch (also the deadline before any throughput is measured)"))
+    poison_ttl_s: float = Field(3600.0, ge=0, description=(
+        "how long a text that made a model worker fail twice (the second time alone) is refused with 422 "
+        "text_crashed_worker without reaching a worker again"))
     # Process (python -m app)
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
@@ -92,6 +101,8 @@ class Settings(BaseSettings):
                              f"(SENTIMENT_MAX_TEXTS = {self.max_texts})")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"SENTIMENT_API_KEYS_FILE ({self.api_keys_file}) is not a readable file")
+        if self.batch_deadline_cap_s < self.batch_deadline_floor_s:
+            raise ValueError("SENTIMENT_BATCH_DEADLINE_CAP_S must be at least SENTIMENT_BATCH_DEADLINE_FLOOR_S")
         if self.stuck_liveness_s < self.stuck_batch_s:
             raise ValueError("SENTIMENT_STUCK_LIVENESS_S must be at least SENTIMENT_STUCK_BATCH_S: liveness fails "
                              "only after readiness has")

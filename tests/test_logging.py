@@ -203,7 +203,8 @@ def test_no_review_text_is_ever_logged(make_client, caplog: pytest.LogCaptureFix
 
 @pytest.mark.slow
 def test_the_server_process_writes_json_lines_only(tiny_artifacts: Path) -> None:
-    with ServiceProcess(tiny_artifacts, {"SENTIMENT_LOG_FORMAT": "json"}, log_level="info") as server:
+    with ServiceProcess(tiny_artifacts, {"SENTIMENT_LOG_FORMAT": "json", "SENTIMENT_WORKERS": "2"},
+                        log_level="info") as server:
         r = httpx.post(server.base_url + "/v1/predict", json={"texts": ["good film", MARKER]},
                        headers={"X-Request-ID": "proc-1"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "proc-1"
@@ -217,4 +218,5 @@ def test_the_server_process_writes_json_lines_only(tiny_artifacts: Path) -> None
     assert any(r["logger"] == "app.access" and r["request_id"] == missing.headers["x-request-id"]
                and r["status"] == 404 for r in lines)
     assert any(r["logger"] == "uvicorn.error" and "Uvicorn running" in r["message"] for r in lines)
+    assert sum(r["logger"] == "app.model_worker" and "loaded" in r["message"] for r in lines) == 2  # workers too
     assert not any(r["logger"] == "uvicorn.access" for r in lines)  # ours replaces uvicorn's

@@ -27,13 +27,13 @@ TEXTS = ["good", "a great film", "the movie was awful !", "bad bad bad , the fil
 
 
 def worker_pids(server_pid: int) -> list[int]:
-    """The model-worker processes of a server (its `python -m app.workers` children)."""
+    """The model-worker processes of a server (its `python -m app.model_worker` children)."""
     pids = []
     for task in Path(f"/proc/{server_pid}/task").iterdir():
         children = (task / "children").read_text().split()
         for child in children:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"app.workers" in cmdline:
+            if b"app.model_worker" in cmdline:
                 pids.append(int(child))
     return sorted(pids)
 

@@ -1,0 +1,162 @@
+"""Fault drill: what an operator would do to a running service, with real processes and signals.
+
+    python -m benchmarks.fault_drill --data ../shared/data/aclImdb_v1.tar.gz
+
+Starts ``python -m app`` as shipped (one model worker per core, the shipped model) and keeps
+``--clients`` closed-loop clients posting one IMDB test review each while it:
+
+1. freezes one model worker with SIGSTOP (a deadlock, a swap storm or a stuck syscall, from outside)
+   and measures how long until that process is gone and a replacement serves, the share of requests
+   answered 200 meanwhile, whether readiness ever left 200 (polled every 0.1 s), and the slowest answer;
+2. kills one model worker with SIGKILL and counts the requests that failed;
+3. kills the front with SIGKILL and measures how long its model workers outlive it.
+
+Prints a table and writes ``results/fault_drill.json``. Not a test: it takes about a minute and its
+figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.process import ServiceProcess
+from benchmarks.run import REPO, load_reviews
+
+
+def worker_pids(front: int) -> list[int]:
+    """The front's model-worker processes (children of any of its threads)."""
+    return [int(p) for task in Path(f"/proc/{front}/task").iterdir() for p in (task / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Load:
+    """``clients`` threads posting reviews back to back; every answer's (time, status, seconds)."""
+
+    def __init__(self, base_url: str, reviews: list[str], clients: int) -> None:
+        self.base_url, self.reviews = base_url, reviews
+        self.answers: list[tuple[float, int, float]] = []
+        self.ready: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        self._threads.append(threading.Thread(target=self._probe, daemon=True))
+
+    def _client(self, i: int) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=60) as client:
+            n = i
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    status = client.post("/v1/predict", json={"texts": [self.reviews[n % len(self.reviews)]]}).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.answers.append((started, status, time.monotonic() - started))
+                n += 7
+
+    def _probe(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=5) as client:
+            while not self._stop.is_set():
+                try:
+                    self.ready.append((time.monotonic(), client.get("/health/ready").status_code))
+                except httpx.HTTPError:
+                    self.ready.append((time.monotonic(), 0))
+                time.sleep(0.1)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(70)
+
+    def since(self, t0: float, t1: float = float("inf")) -> dict[str, Any]:
+        answers = [a for a in self.answers if t0 <= a[0] < t1]
+        ready = [s for t, s in self.ready if t0 <= t < t1]
+        return {"requests": len(answers), "ok_share": sum(s == 200 for _, s, _ in answers) / max(1, len(answers)),
+                "errors": sum(s != 200 for _, s, _ in answers), "slowest_s": max((d for *_, d in answers), default=0.0),
+                "ready_polls": len(ready), "ready_not_200": sum(s != 200 for s in ready)}
+
+
+def wait_for(predicate: Any, timeout_s: float, step_s: float = 0.05) -> float | None:
+    """Seconds until ``predicate()`` held, or None if it did not within ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(step_s)
+    return None
+
+
+def workers_ready(base_url: str) -> float:
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith("sentiment_workers_ready "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "aclImdb_v1.tar.gz"))
+    p.add_argument("--artifacts", default=str(REPO / "model_artifacts"))
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    reviews = load_reviews(args.data, 500, seed=1)
+    results: dict[str, Any] = {"clients": args.clients}
+    server = ServiceProcess(args.artifacts, {"SENTIMENT_HOST": "127.0.0.1"}, ready_timeout_s=300)
+    try:
+        workers = worker_pids(server.pid)
+        count = len(workers)
+        with Load(server.base_url, reviews, args.clients) as load:
+            time.sleep(5)  # steady load, and a measured throughput for the batch deadlines
+            t0 = time.monotonic()
+            os.kill(workers[0], signal.SIGSTOP)
+            gone = wait_for(lambda: not alive(workers[0]), 60)
+            back = wait_for(lambda: workers_ready(server.base_url) == count, 120)
+            time.sleep(2)
+            results["sigstop"] = {"killed_after_s": gone, "replaced_after_s": (gone or 0) + (back or float("nan")),
+                                  **load.since(t0)}
+            t1 = time.monotonic()
+            victim = worker_pids(server.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            back = wait_for(lambda: workers_ready(server.base_url) == count, 120)
+            time.sleep(2)
+            results["sigkill_worker"] = {"replaced_after_s": back, **load.since(t1)}
+        workers = worker_pids(server.pid)
+        server.kill()
+        results["sigkill_front"] = {"workers": len(workers),
+                                    "workers_gone_after_s": wait_for(lambda: not any(map(alive, workers)), 30)}
+    finally:
+        server.kill()
+    print(json.dumps(results, indent=2))
+    s, k, f = results["sigstop"], results["sigkill_worker"], results["sigkill_front"]
+    print(f"\nSIGSTOP a worker : killed after {s['killed_after_s']:.1f}s, serving with all workers after "
+          f"{s['replaced_after_s']:.1f}s; {s['ok_share']:.1%} of {s['requests']} requests 200; readiness not 200 in "
+          f"{s['ready_not_200']} of {s['ready_polls']} polls; slowest answer {s['slowest_s']:.2f}s")
+    print(f"SIGKILL a worker : {k['errors']} of {k['requests']} requests failed; replaced after {k['replaced_after_s']:.1f}s; "
+          f"readiness not 200 in {k['ready_not_200']} of {k['ready_polls']} polls")
+    print(f"SIGKILL the front: its {f['workers']} workers gone after {f['workers_gone_after_s']}s")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "fault_drill.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
