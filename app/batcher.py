@@ -6,8 +6,9 @@ exception. Policy:
 
 * The worker takes what is queued (up to ``max_batch_size`` items and ``max_batch_cost``) as soon
   as the model is free, so under load the batch grows by itself while the previous batch runs.
-* **Fairness**: items are taken least-served submission first (:mod:`app.fair_queue`), so a
-  one-word request goes into the very next batch however much others have queued.
+* **Fairness, lanes, deadlines** (:mod:`app.lanes`): interactive work first, batch work with a bounded
+  share; within a lane least-served submission first, so a one-word request goes into the very next
+  batch however much others have queued. An item past its deadline is never handed out.
 * A lone request at idle runs at once: the worker only lingers (up to ``max_wait_s``) for more
   items when the previous batch showed concurrent traffic (it had more than one item).
 * **Batches in flight**: up to ``max_in_flight`` batches run at once (one per model-worker process);
@@ -19,7 +20,7 @@ exception. Policy:
   ``max_batch_size`` and ``max_batch_cost``): whatever it left behind would wait for a whole
   running batch to end, and those leftovers were the tail at high concurrency.
 * **Admission by cost**: each item carries a cost (work, not a count); the queue is bounded in
-  items and in cost, and a submission that does not fit is refused whole with
+  items and in cost (each lane on its own), and a submission that does not fit is refused whole with
   :class:`QueueFullError`, so a request is never half-queued. :meth:`estimated_wait_s` predicts the
   wait from the measured cost throughput, so callers can shed at once instead of timing out.
 * A cancelled caller (timeout, disconnect, server shutdown) leaves nothing behind: its queued items
@@ -36,7 +37,8 @@ import time
 from concurrent.futures import Executor
 from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
-from app.fair_queue import FairQueue, Pending
+from app.fair_queue import Pending
+from app.lanes import BATCH, INTERACTIVE, Lane, LaneQueue
 from app.throughput import Throughput
 
 T = TypeVar("T")
@@ -90,7 +92,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_cost = max_batch_cost
         self.max_in_flight = max_in_flight
         self._on_batch = on_batch
-        self._queue: FairQueue[T] = FairQueue()
+        self._queue: LaneQueue[T] = LaneQueue()
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -111,6 +113,11 @@ class MicroBatcher(Generic[T, R]):
     def queued_cost(self) -> float:
         """Total cost of the live items waiting in the queue."""
         return self._queue.cost
+
+    @property
+    def lanes(self) -> LaneQueue[T]:
+        """The queue by lane (:meth:`LaneQueue.configure` sets the lane policy)."""
+        return self._queue
 
     @property
     def closed(self) -> bool:
@@ -137,9 +144,9 @@ class MicroBatcher(Generic[T, R]):
         """Best recent throughput, in cost units per second, of all batch slots together."""
         return self._throughput.cost_per_s
 
-    def estimated_wait_s(self, extra_cost: float = 0.0) -> float:
-        """Predicted time until ``extra_cost`` more work would be done (0 before any measurement)."""
-        return self._throughput.wait_s(self._running.values(), self._queue.cost, extra_cost)
+    def estimated_wait_s(self, extra_cost: float = 0.0, lane: Lane = INTERACTIVE) -> float:
+        """Predicted time until ``extra_cost`` more work of ``lane`` would be done (0 before any measurement)."""
+        return self._throughput.wait_s(self._running.values(), self._queue.cost_ahead(lane), extra_cost)
 
     @property
     def idle(self) -> bool:
@@ -151,9 +158,11 @@ class MicroBatcher(Generic[T, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
-    async def submit_many(self, items: Sequence[T], costs: Sequence[float] | None = None) -> list[R | Exception]:
-        """Queue ``items`` together and wait for their outcomes, in order: each a result or the
-        exception ``process`` gave for that item alone. ``costs`` (default 1 each) is their work.
+    async def submit_many(self, items: Sequence[T], costs: Sequence[float] | None = None, lane: Lane = INTERACTIVE,
+                          deadline: float | None = None) -> list[R | Exception]:
+        """Queue ``items`` together in ``lane`` and wait for their outcomes, in order: each a result or
+        the exception ``process`` gave for that item alone. ``costs`` (default 1 each) is their work;
+        an item still queued at ``deadline`` (``time.monotonic()``) fails with DeadlineExceededError.
 
         Raises :class:`QueueFullError` when they do not fit and :class:`BatcherClosedError` when
         draining. Cancelling the awaiting task removes the caller's items that have not started.
@@ -162,22 +171,23 @@ class MicroBatcher(Generic[T, R]):
         if self._closing:
             raise BatcherClosedError("the service is shutting down")
         total = sum(costs)
-        # An empty queue takes any one submission (an explained text is several items), so a valid
-        # request on an idle service is never refused.
-        queue = self._queue
+        # An empty lane takes any one submission (an explained text is several items), so a valid
+        # request on an idle service is never refused; each lane has its own bounds.
+        queue = self._queue.lanes[lane]
         if queue.depth and queue.depth + len(items) > self.max_queue:
             raise QueueFullError(f"queue is full ({queue.depth} of {self.max_queue} items waiting)")
         if queue.depth and queue.cost + total > self.max_queue_cost:
             raise QueueFullError(f"queue is full ({queue.cost:.0f} of {self.max_queue_cost:.0f} work units waiting)")
         loop = asyncio.get_running_loop()
         group = next(self._ids)
-        pending = [Pending(item, loop.create_future(), cost, group) for item, cost in zip(items, costs)]
-        queue.add(group, pending)
+        pending = [Pending(item, loop.create_future(), cost, group, lane=lane, deadline=deadline)
+                   for item, cost in zip(items, costs)]
+        self._queue.add(lane, group, pending)
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*(p.future for p in pending), return_exceptions=True))
         except BaseException:
-            queue.forget(group)  # its waiting items go now, so depth and cost count live work only
+            self._queue.forget(group)  # its waiting items go now, so depth and cost count live work only
             for p in pending:
                 p.future.cancel()  # no-op for finished ones
             raise
@@ -222,17 +232,19 @@ class MicroBatcher(Generic[T, R]):
         return max(1, min(self.max_batch_size, share)), min(self.max_batch_cost, cost_share)
 
     def _take(self, batch: list[Pending[T]]) -> None:
-        """Add items, least-served submission first, until the batch is full (count or cost)."""
+        """Add items (by lane, least-served submission first) until the batch is full (count or cost)."""
         cost = sum(p.cost for p in batch)
         limit, cost_limit = self._limits(len(batch), cost)
         limit = max(len(batch), limit)
+        now = time.monotonic()
+        room = self._queue.batch_lane_room(now, cost if batch and batch[0].lane == BATCH else 0.0)
         while len(batch) < limit and (not batch or cost < cost_limit):
-            p = self._queue.pop()
+            p = self._queue.pop(now, batch[0].lane if batch else None, room)  # one lane per batch
             if p is None:
                 break
-            if not p.future.done():
-                batch.append(p)
-                cost += p.cost
+            batch.append(p)
+            cost += p.cost
+            room -= p.cost if p.lane == BATCH else 0.0
 
     async def _run(self) -> None:
         try:
@@ -270,6 +282,7 @@ class MicroBatcher(Generic[T, R]):
                     except asyncio.TimeoutError:
                         pass
                     self._take(batch)
+            batch = self._queue.live(batch, time.monotonic())  # none whose deadline passed while it gathered
             if not batch:
                 continue
             self._last_batch_size = len(batch)

@@ -64,6 +64,8 @@ class Errors:
                                  "are being replaced, or it is shutting down); retry", RETRY_AFTER_NOT_READY_S)
     OVERLOADED = ErrorKind(503, "overloaded", "service is overloaded: {reason}; retry shortly", RETRY_AFTER_OVERLOADED_S)
     TIMEOUT = ErrorKind(504, "timeout", "no answer within {seconds:g}s; the service is overloaded or the request too large")
+    DEADLINE_EXCEEDED = ErrorKind(504, "deadline_exceeded", "the request's own deadline of {deadline_ms:g} ms passed "
+                                  "before its answer: {reason}")
 
     @classmethod
     def all(cls) -> list[ErrorKind]:

@@ -27,6 +27,8 @@ class Pending(Generic[T]):
     cost: float
     group: int  # which submission it came from (fairness, cancellation)
     enqueued: float = field(default_factory=time.perf_counter)
+    lane: str = "interactive"  # app.lanes: which lane it waits in
+    deadline: float | None = None  # time.monotonic() after which it must not be handed out
 
 
 class FairQueue(Generic[T]):
@@ -42,6 +44,10 @@ class FairQueue(Generic[T]):
 
     def __bool__(self) -> bool:
         return bool(self._groups)
+
+    def __contains__(self, group: int) -> bool:
+        """Whether the submission still has items waiting."""
+        return group in self._groups
 
     def add(self, group: int, pending: list[Pending[T]]) -> None:
         """Queue one submission's items, in order."""

@@ -71,7 +71,7 @@ class Lifecycle:
         tune_gc()  # the loaded model and libraries are never garbage: keep collections short and rare
         s = self.settings
         self.batcher = MicroBatcher(process, self._batch_threads, max_batch_size=s.max_batch_size,
-                                    max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
+                                    max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue, max_queue_cost=s.max_queue_cost,
                                     on_batch=self._observe_batch, max_batch_cost=s.max_batch_cost,
                                     max_in_flight=self.scorer.slots)
         self.batcher.start()

@@ -19,7 +19,7 @@ from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.middleware import BodyLimit, RequestContext, RequestTimer, SecurityHeaders, outermost
 from app.oip import router as oip_router
-from app.routes import router
+from app.routes import document_setting_limits, router
 from app.service import SentimentService
 from app.settings import Settings, get_settings
 from app.tracing import setup_tracing
@@ -62,10 +62,12 @@ def create_app(settings: Settings | None = None,
     app.state.settings = settings
     install_error_handlers(app)
     drop_framework_validation_errors(app)
+    document_setting_limits(app, settings)
     app.include_router(router)
     app.include_router(oip_router)
     # Outermost last: the timer sees every response, including the body limit's 413.
-    app.add_middleware(BodyLimit, limit=settings.body_limit, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=settings.body_limit, metrics=metrics,
+                       in_flight_limit=settings.body_bytes_in_flight_limit)
     # Outside the body limit: a request without a valid API key is refused before its body is read.
     app.add_middleware(ApiKeyGate, metrics=metrics, digests=load_keys(
         settings.api_key.get_secret_value() if settings.api_key is not None else None, settings.api_keys_file))

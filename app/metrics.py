@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from app.errors import Errors
+from app.lanes import LANES
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class LaneGauge(Collector):
+    """A gauge with one series per queue lane (``lane="interactive"|"batch"``), read when scraped.
+
+    ``set_function`` takes a function of no arguments returning ``{lane: value}``; one returning a
+    single number (a total, as :class:`app.lifecycle.Lifecycle` registers before the service, which
+    knows the lanes, replaces it) is exported as ``lane="all"``.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._read: Callable[[], float | Mapping[str, float]] = lambda: {lane: 0.0 for lane in LANES}
+        registry.register(self)
+
+    def set_function(self, read: Callable[[], float | Mapping[str, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["lane"])
+        values = self._read()
+        for lane, value in (values.items() if isinstance(values, Mapping) else [("all", values)]):
+            family.add_metric([lane], float(value))
+        yield family
 
 
 class ServiceMetrics:
@@ -24,12 +53,24 @@ class ServiceMetrics:
             "sentiment_requests_in_flight", "Prediction requests being served now.", registry=r)
         self.batch_size = Histogram(
             "sentiment_batch_size", "Texts per batch handed to the model.", buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for a batch (live work only).", registry=r)
-        self.queue_cost = Gauge(
-            "sentiment_queue_cost", "Work waiting for a batch, in characters (a gate trace counts 6x).", registry=r)
-        self.estimated_wait = Gauge(
-            "sentiment_queue_estimated_wait_seconds", "Predicted wait for new work at the measured throughput.",
-            registry=r)
+        self.queue_depth = LaneGauge("sentiment_queue_depth", "Queue items waiting for a batch (live work only), by lane.", r)
+        self.queue_cost = LaneGauge(
+            "sentiment_queue_cost", "Work waiting for a batch, in characters (a gate trace counts 6x), by lane.", r)
+        self.estimated_wait = LaneGauge(
+            "sentiment_queue_estimated_wait_seconds", "Predicted wait for new work of each lane at the measured "
+            "throughput.", r)
+        self.lane_requests = Counter(
+            "sentiment_lane_requests", "Prediction requests that reached admission, by lane.", ["lane"], registry=r)
+        self.lane_errors = Counter(
+            "sentiment_lane_errors", "Prediction requests refused or dropped for lack of capacity or time, by lane "
+            "and error kind (overloaded, deadline_exceeded, timeout).", ["lane", "kind"], registry=r)
+        for lane in LANES:  # every series exists from the start, at 0
+            self.lane_requests.labels(lane=lane)
+            for kind in (Errors.OVERLOADED, Errors.DEADLINE_EXCEEDED, Errors.TIMEOUT):
+                self.lane_errors.labels(lane=lane, kind=kind.code)
+        self.body_bytes_in_flight = Gauge(
+            "sentiment_body_bytes_in_flight", "Request-body bytes held in memory now, by all requests together "
+            "(capped by SENTIMENT_MAX_BODY_BYTES_IN_FLIGHT).", registry=r)
         self.queue_wait = Histogram(
             "sentiment_queue_wait_seconds", "Time a text waited in the queue before its batch started.",
             buckets=LATENCY_BUCKETS, registry=r)

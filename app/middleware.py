@@ -171,14 +171,34 @@ class RequestTimer:
 class BodyLimit:
     """Refuse a request body over ``limit`` bytes with 413 before anything parses it: at once from
     ``Content-Length``, or, for a chunked body, as soon as the bytes received pass the limit. The
-    body read here is replayed to the app, and later messages (a disconnect) pass through."""
+    body read here is replayed to the app, and later messages (a disconnect) pass through.
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: ServiceMetrics) -> None:
+    It also caps the body bytes held in memory by all requests together at ``in_flight_limit``: a
+    request's bytes count from when it is read (its ``Content-Length`` up front, a chunked body as it
+    arrives) until its answer is sent, also when it fails or its client leaves; one that would go
+    over the cap gets 503 ``overloaded`` with Retry-After (one request alone is always taken).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: ServiceMetrics, in_flight_limit: int | None = None) -> None:
         self.app, self.limit, self.metrics = app, limit, metrics
+        self.in_flight_limit = in_flight_limit
+        self.held = 0  # body bytes of all requests being served
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Connection: close: the rest of an oversized body is never read.
-        await send_error(scope, receive, send, ApiError(Errors.BODY_TOO_LARGE, limit=self.limit), self.metrics, close=True)
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, busy: bool = False) -> None:
+        # Connection: close: the rest of an unread body is never read.
+        error = ApiError(Errors.OVERLOADED, reason=f"request bodies held in memory would pass {self.in_flight_limit} "
+                         "bytes (SENTIMENT_MAX_BODY_BYTES_IN_FLIGHT)") if busy else ApiError(
+                             Errors.BODY_TOO_LARGE, limit=self.limit)
+        await send_error(scope, receive, send, error, self.metrics, close=True)
+
+    def _hold(self, more: int, mine: int) -> bool:
+        """Count ``more`` bytes for a request that holds ``mine`` already, unless that breaks the cap."""
+        cap = self.in_flight_limit
+        if cap is not None and self.held - mine > 0 and self.held + more > cap:
+            return False
+        self.held += more
+        self.metrics.body_bytes_in_flight.inc(more)
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -188,22 +208,37 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client gone before the body arrived
-                await self.app(scope, _replay([], message, receive), send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, _replay(chunks, None, receive), send)
+        held = 0
+        try:
+            if declared is not None and declared.isdigit():
+                if not self._hold(int(declared), held):
+                    await self._refuse(scope, receive, send, busy=True)
+                    return
+                held = int(declared)
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # client gone before the body arrived
+                    await self.app(scope, _replay([], message, receive), send)
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    await self._refuse(scope, receive, send)
+                    return
+                if size > held:  # chunked (or longer than declared: the server stops it)
+                    if not self._hold(size - held, held):
+                        await self._refuse(scope, receive, send, busy=True)
+                        return
+                    held = size
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            await self.app(scope, _replay(chunks, None, receive), send)
+        finally:
+            self.held -= held
+            self.metrics.body_bytes_in_flight.dec(held)
 
 
 def _replay(chunks: list[bytes], first: Message | None, receive: Receive) -> Receive:

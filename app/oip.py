@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from app.edge import in_flight, read_json_body, wait_for_disconnect
 from app.errors import ApiError, Errors, openapi_responses
 from app.oip_codec import (BINARY_HEADER, EXPLAIN_OUTPUTS, INPUT_NAME, PLATFORM, SCORE_OUTPUTS, SERVER_NAME,
-                           TRACE_OUTPUTS, InferenceRequest, outputs, parse_infer_request)
+                           TRACE_OUTPUTS, InferenceRequest, deadline_and_lane, outputs, parse_infer_request)
 from app.schemas import inline_schema
 from app.service import SentimentService
 
@@ -180,8 +180,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         trace = bool((req.parameters or {}).get("trace"))
         explain = (req.parameters or {}).get("explain") is not None
         wanted = list(SCORE_OUTPUTS) + list(TRACE_OUTPUTS if trace else ()) + list(EXPLAIN_OUTPUTS if explain else ())
+    timeout_s, lane = deadline_and_lane(req)
     with in_flight(service.metrics):
-        model, scores = await service.predict(texts, trace, lambda: wait_for_disconnect(request), explain=explain)
+        model, scores = await service.predict(texts, trace, lambda: wait_for_disconnect(request), explain=explain,
+                                              timeout_s=timeout_s, lane=lane)
     answer: dict[str, Any] = {"model_name": name, "model_version": model.version}
     if req.id is not None:
         answer["id"] = req.id

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.admission import LONE_SURROGATE
 from app.edge import parse_json
 from app.errors import ApiError, Errors
+from app.lanes import BATCH, INTERACTIVE, Lane
+from app.schemas import whole_number
 from sentiment import label_of
 
 SERVER_NAME = "lstm-sentiment"
@@ -24,10 +26,30 @@ TRACE_OUTPUTS = ("trace_tokens", "trace_probabilities")
 EXPLAIN_OUTPUTS = ("attributions",)
 BINARY_HEADER = "inference-header-content-length"
 TEXT_SCHEMA = {"type": "string", "minLength": 1, "pattern": r"\S"}  # a text holds more than whitespace (else 422)
+# The request parameters this model reads; any others are ignored. "timeout" and "priority" are
+# Triton's: a deadline in microseconds (0: none) and a priority level (1 highest; 0: the default).
+REQUEST_PARAMETERS = {
+    "trace": {"type": "boolean", "description": "also return trace_tokens and trace_probabilities"},
+    "explain": {"enum": ["occlusion", None], "description": "\"occlusion\": also return attributions (null: none)"},
+    "timeout": {"type": "integer", "minimum": 0, "description": (
+        "this request's deadline in microseconds (Triton's timeout parameter; 0: none): a request not answered "
+        "by then gets 504 (X-Error-Code deadline_exceeded), its texts still queued dropped unscored; one longer "
+        "than the server's request timeout (SENTIMENT_REQUEST_TIMEOUT_S) is bounded by it")},
+    "priority": {"type": "integer", "minimum": 0, "description": (
+        "Triton's priority level: 0 (the model's default) and 1 are the interactive lane, 2 and above the batch "
+        "lane (bulk work with a bounded share of the model, SENTIMENT_BATCH_LANE_SHARE)")},
+}
 
 
 # The schemas below are the protocol's (any names, shapes and types parse), documented with what this
 # model takes, so that clients and schema-driven tests see it; anything else is a 400 that says why.
+def _document_parameters(schema: dict[str, Any]) -> None:
+    """The request parameters' object schema lists :data:`REQUEST_PARAMETERS` (others are allowed)."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "object":
+            branch["properties"] = REQUEST_PARAMETERS
+
+
 class RequestInput(BaseModel):
     name: str = Field(..., json_schema_extra={"enum": [INPUT_NAME]})
     shape: list[int] = Field(..., description="[N] or [N, 1]: N texts",
@@ -52,7 +74,7 @@ class InferenceRequest(BaseModel):
                                 "data": ["A moving, beautiful film.", "Dull and far too long."]}]}]})
 
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(None, json_schema_extra=_document_parameters)
     inputs: list[RequestInput] = Field(..., min_length=1, json_schema_extra={"maxItems": 1})
     outputs: list[RequestOutput] | None = None
 
@@ -148,7 +170,26 @@ def parse_infer_request(body: bytes, json_size: int | None, max_texts: int) -> t
     explain = (req.parameters or {}).get("explain")
     if explain not in (None, "occlusion"):
         raise _invalid(f"parameter 'explain' must be \"occlusion\", not {explain!r}")
+    for name in ("timeout", "priority"):
+        value = (req.parameters or {}).get(name, 0)
+        try:
+            number = whole_number(value)
+        except ValueError:
+            number = None
+        if number is None or number < 0:
+            raise _invalid(f"parameter {name!r} must be a non-negative integer, not {value!r}")
+        if req.parameters and name in req.parameters:
+            req.parameters[name] = number  # 2.0 → 2
     return req, texts
+
+
+def deadline_and_lane(req: InferenceRequest) -> tuple[float | None, Lane]:
+    """The request's own deadline in seconds (None: the server's request timeout) and its lane, from
+    Triton's ``timeout`` (µs, 0 = none) and ``priority`` (0 and 1 interactive, 2 and above batch)
+    parameters, already checked by :func:`parse_infer_request`."""
+    parameters = req.parameters or {}
+    timeout_us, priority = parameters.get("timeout", 0), parameters.get("priority", 0)
+    return (timeout_us / 1e6 if timeout_us else None), (BATCH if priority >= 2 else INTERACTIVE)
 
 
 def _tensor(name: str, datatype: str, shape: list[int], data: list[Any]) -> dict[str, Any]:

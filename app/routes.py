@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+import copy
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.edge import in_flight, read_json_body, validate_v1, wait_for_disconnect
-from app.errors import openapi_responses
+from app.errors import ApiError, Errors, openapi_responses
 from app.schemas import (Explanation, GateTrace, Health, ModelInfo, ModelRef, Prediction, PredictRequest,
                          PredictResponse, Trace, inline_schema)
 from app.service import SentimentService
+from app.settings import Settings
 from sentiment import label_of
 
 router = APIRouter()
@@ -26,6 +30,29 @@ async def predict_body(request: Request) -> PredictRequest:
     return await read_json_body(request, parse_predict_request)
 
 
+def max_timeout_ms(settings: Settings) -> int:
+    """The longest deadline a request may ask for: the request timeout, in whole milliseconds."""
+    return int(settings.request_timeout_s * 1000)
+
+
+def document_setting_limits(app: FastAPI, settings: Settings) -> None:
+    """Write the request limits that are settings into the OpenAPI document (``timeout_ms``'s maximum),
+    so that clients and schema-driven tests know them."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None or "x-setting-limits" not in app.openapi_schema.get("info", {}):
+            # A copy: the request schema inside is the route's own (shared by every app built here).
+            spec = copy.deepcopy(build())
+            body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            body["properties"]["timeout_ms"]["anyOf"][0]["maximum"] = max_timeout_ms(settings)
+            spec["info"]["x-setting-limits"] = True
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 @router.post("/v1/predict", response_model=PredictResponse, tags=["predict"],
              responses=openapi_responses(400, 401, 413, 415, 422, 499, 500, 503, 504),
              openapi_extra={"requestBody": {"required": True, "content": {
@@ -33,9 +60,14 @@ async def predict_body(request: Request) -> PredictRequest:
              summary="Probability of positive sentiment for each text, with an optional per-token trace")
 async def predict(request: Request, body: PredictRequest = Depends(predict_body)) -> Response:
     service = _service(request)
+    if body.timeout_ms is not None and body.timeout_ms > (limit := max_timeout_ms(service.settings)):
+        msg = f"at most {limit} (the request timeout, SENTIMENT_REQUEST_TIMEOUT_S × 1000)"
+        raise ApiError(Errors.INVALID_REQUEST, [{"loc": ["body", "timeout_ms"], "msg": msg}], summary=f"body.timeout_ms: {msg}")
     with in_flight(service.metrics):
         model, scores = await service.predict(body.texts, body.trace, lambda: wait_for_disconnect(request),
-                                              gates=body.gates, explain=body.explain is not None)
+                                              gates=body.gates, explain=body.explain is not None,
+                                              timeout_s=body.timeout_ms / 1000 if body.timeout_ms else None,
+                                              lane=body.priority)
     answer = PredictResponse(
         model=ModelRef(version=model.version, device=model.device),
         predictions=[

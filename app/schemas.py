@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from sentiment import LABEL_THRESHOLD
 
@@ -14,11 +14,22 @@ EXAMPLE_TEXTS = [
 ]
 
 
+def whole_number(value: Any) -> Any:
+    """JSON Schema's ``integer``: an int, or a float without a fractional part (``2.0``); never a
+    string or a boolean (pydantic's lax ints take both, its strict ints refuse ``2.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError("must be a whole number")
+    return value
+
+
 class PredictRequest(BaseModel):
     """Texts to score. Limits (texts per request, characters per text) are service settings."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"texts": EXAMPLE_TEXTS, "trace": False}],
+        "examples": [{"texts": EXAMPLE_TEXTS, "trace": False}, {"texts": EXAMPLE_TEXTS[:1], "timeout_ms": 500},
+                     {"texts": EXAMPLE_TEXTS, "priority": "batch"}],
         # Documents the validator below, so that generated clients and schema-driven tests know it.
         "if": {"properties": {"gates": {"const": True}}, "required": ["gates"]},
         "then": {"properties": {"trace": {"const": True}}, "required": ["trace"]}})
@@ -35,6 +46,22 @@ class PredictRequest(BaseModel):
     explain: Literal["occlusion"] | None = Field(None, description=(
         '"occlusion": also return, for every token, how much P(positive) changes when that token is '
         "dropped from the text (one extra forward pass per token; see the limits in /v1/model)"))
+
+    # The deadline's upper bound is a setting (SENTIMENT_REQUEST_TIMEOUT_S × 1000): app.routes writes it
+    # into the OpenAPI document as this field's maximum and answers 422 above it.
+    timeout_ms: int | None = Field(None, ge=1, description=(
+        "this request's deadline, in milliseconds counted once its body is read: a request not answered by then gets 504 "
+        "deadline_exceeded at once, and its texts still queued are dropped unscored (also at once when the "
+        "estimated wait is already longer); at most the server's request timeout (SENTIMENT_REQUEST_TIMEOUT_S "
+        "× 1000, 422 above); default: the request timeout (504 timeout)"))
+    priority: Literal["interactive", "batch"] = Field("interactive", description=(
+        '"interactive" (default): goes first; "batch": bulk work that can wait, with a bounded share of the '
+        "model (SENTIMENT_BATCH_LANE_SHARE) while interactive work waits, so it is never starved"))
+
+    @field_validator("timeout_ms", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        return whole_number(value)
 
     @model_validator(mode="after")
     def _gates_need_trace(self) -> "PredictRequest":

@@ -22,9 +22,12 @@ import logging
 import time
 from typing import Awaitable, Callable, Sequence
 
+from starlette.concurrency import run_in_threadpool
+
 from app.admission import Plan, plan, text_problems, validate_texts
-from app.batcher import BatcherClosedError, QueueFullError
-from app.errors import ApiError, Errors
+from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
+from app.errors import ApiError, ErrorKind, Errors
+from app.lanes import INTERACTIVE, LANES, DeadlineExceededError, Lane
 from app.lifecycle import Lifecycle, State
 from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
@@ -36,6 +39,11 @@ from sentiment.engine import EmptyTextError, ExplainTooLongError, Score, ScoreRe
 
 log = logging.getLogger("app")
 
+# Requests with more characters than this are validated on a worker thread: the checks are linear,
+# but 64 texts of 20,000 characters still take tens of milliseconds, which on the event loop would
+# stall every other request (as a large body's JSON parse would; app.edge.PARSE_IN_THREAD_BYTES).
+VALIDATE_IN_THREAD_CHARS = 64 * 1024
+
 
 class SentimentService:
     """Admits, queues and waits for predictions; owns the :class:`Lifecycle` that serves them."""
@@ -46,10 +54,20 @@ class SentimentService:
         self.lifecycle = Lifecycle(settings, metrics, engine_factory)
         # id(ScoreRequest) → its traced request's timings, while it waits (empty unless tracing is on).
         self._traced: dict[int, RequestTimings] = {}
+        # The queue gauges by lane (the lifecycle registered totals; this replaces them).
+        metrics.queue_depth.set_function(lambda: self._by_lane(lambda b, lane: b.lanes.depth_of(lane)))
+        metrics.queue_cost.set_function(lambda: self._by_lane(lambda b, lane: b.lanes.cost_of(lane)))
+        metrics.estimated_wait.set_function(lambda: self._by_lane(lambda b, lane: b.estimated_wait_s(0, lane)))
+
+    def _by_lane(self, read: Callable[[MicroBatcher, Lane], float]) -> dict[str, float]:
+        batcher = self.lifecycle.batcher
+        return {lane: read(batcher, lane) if batcher is not None else 0.0 for lane in LANES}
 
     # The life cycle, as the app's lifespan and the tests drive it.
     async def start(self) -> None:
         await self.lifecycle.start(self.score_batch)
+        if self.batcher is not None:  # before any request can reach it (the lifecycle knows no lanes)
+            self.batcher.lanes.configure(self.settings.batch_lane_share, self.settings.batch_lane_batch_cost)
 
     async def shutdown(self) -> None:
         await self.lifecycle.shutdown()
@@ -72,47 +90,78 @@ class SentimentService:
 
     async def predict(self, texts: Sequence[str], trace: bool,
                       disconnected: Callable[[], Awaitable[None]] | None = None,
-                      gates: bool = False, explain: bool = False) -> tuple[ModelSummary, list[Score]]:
-        """Queue the texts for a batch; wait with the request timeout and a disconnect watch, so a
-        caller who leaves leaves no work behind. Returns the model that scored them and the scores.
+                      gates: bool = False, explain: bool = False, timeout_s: float | None = None,
+                      lane: Lane = INTERACTIVE) -> tuple[ModelSummary, list[Score]]:
+        """Queue the texts for a batch in ``lane``; wait until the deadline (the request's own
+        ``timeout_s``, or else the request timeout) with a disconnect watch, so a caller who leaves
+        or runs out of time leaves no work behind. Returns the model that scored them and the scores.
 
-        A request whose predicted wait (queued work ahead plus its own, ÷ the best recent measured
-        throughput) exceeds the request timeout is shed at once with 503 + Retry-After instead of
-        timing out later; on an idle service every request is admitted.
+        A request whose predicted wait (queued work ahead of it in its lane plus its own, ÷ the best
+        recent measured throughput) exceeds its own deadline gets 504 deadline_exceeded at once, and
+        one that exceeds the request timeout is shed at once with 503 + Retry-After, instead of
+        waiting in vain; on an idle service every request is admitted.
         """
+        started = time.monotonic()
         note_texts(len(texts))  # for the access log line and the span: the count only, never the texts
         if explain:
             note_explained()
-        model = self.lifecycle.require_serving()
-        validate_texts(texts, self.settings, explain)
-        work = plan(texts, trace, gates, explain, model)
-        batcher = self.lifecycle.batcher
-        assert batcher is not None
-        wait = batcher.estimated_wait_s(work.cost)
-        # An idle service always admits: shedding cannot make that request any faster.
-        if wait > self.settings.request_timeout_s and not batcher.idle:
-            raise ApiError(Errors.OVERLOADED, reason=f"the estimated wait is {wait:.0f}s, over the "
-                           f"{self.settings.request_timeout_s:g}s request timeout")
-        outcomes = await self._wait_for(work, disconnected)
+        self.metrics.lane_requests.labels(lane=lane).inc()
+        try:
+            model = self.lifecycle.require_serving()
+            if sum(map(len, texts)) > VALIDATE_IN_THREAD_CHARS:
+                await run_in_threadpool(validate_texts, texts, self.settings, explain)
+            else:
+                validate_texts(texts, self.settings, explain)
+            work = plan(texts, trace, gates, explain, model)
+            outcomes = await self._wait_for(work, disconnected, lane, started, timeout_s)
+        except ApiError as error:
+            if error.kind in (Errors.OVERLOADED, Errors.DEADLINE_EXCEEDED, Errors.TIMEOUT):
+                self.metrics.lane_errors.labels(lane=lane, kind=error.code).inc()
+            raise
         scores = self._scores_or_error(work.merge(outcomes))
         self._count(scores)
         return model, scores
 
-    async def _wait_for(self, work: Plan, disconnected: Callable[[], Awaitable[None]] | None) -> list[Score | Exception]:
-        """Submit the plan's items and wait for their outcomes, the timeout or the client's departure;
-        whichever comes first, nothing of this request stays queued."""
+    def _admit(self, work: Plan, lane: Lane, own_s: float | None, left_s: float) -> None:
+        """Refuse at once what would wait in vain: past the request's own deadline ``own_s`` (``left_s``
+        of it left) or the request timeout. An idle service always admits: refusing cannot make that
+        request any faster."""
+        batcher = self.lifecycle.batcher
+        assert batcher is not None
+        wait = batcher.estimated_wait_s(work.cost, lane)
+        if batcher.idle:
+            return
+        if own_s is not None and wait > left_s:
+            raise ApiError(Errors.DEADLINE_EXCEEDED, deadline_ms=own_s * 1000,
+                           reason=f"the estimated wait is {wait * 1000:.0f} ms")
+        if wait > self.settings.request_timeout_s:
+            raise ApiError(Errors.OVERLOADED, reason=f"the estimated wait is {wait:.0f}s, over the "
+                           f"{self.settings.request_timeout_s:g}s request timeout")
+
+    async def _wait_for(self, work: Plan, disconnected: Callable[[], Awaitable[None]] | None, lane: Lane,
+                        started: float, timeout_s: float | None) -> list[Score | Exception]:
+        """Submit the plan's items and wait for their outcomes, the deadline or the client's
+        departure; whichever comes first, nothing of this request stays queued.
+
+        The deadline is ``started`` + the request's own ``timeout_s`` when it is at most the request
+        timeout (504 deadline_exceeded when it passes), else + the request timeout (504 timeout)."""
+        own = timeout_s if timeout_s is not None and timeout_s <= self.settings.request_timeout_s else None
+        limit_s = own if own is not None else self.settings.request_timeout_s
+        deadline = started + limit_s
+        late: ErrorKind = Errors.DEADLINE_EXCEEDED if own is not None else Errors.TIMEOUT
+        self._admit(work, lane, own, deadline - time.monotonic())
         batcher = self.lifecycle.batcher
         assert batcher is not None
         timings = current_timings()  # None unless this request is traced (app.tracing)
         if timings is not None:
             timings.watch(work.requests, self._traced)
-        submitted = asyncio.ensure_future(batcher.submit_many(work.requests, work.costs))
+        submitted = asyncio.ensure_future(batcher.submit_many(work.requests, work.costs, lane, deadline))
         waiters: set[asyncio.Future] = {submitted}
         watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         if watcher is not None:
             waiters.add(watcher)
         try:
-            done, _ = await asyncio.wait(waiters, timeout=self.settings.request_timeout_s,
+            done, _ = await asyncio.wait(waiters, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled by the server (graceful-shutdown timeout): drop the queued texts
             submitted.cancel()
@@ -126,13 +175,22 @@ class SentimentService:
             submitted.cancel()  # the batcher drops the queued texts at once: no work left behind
             if watcher is not None and watcher in done:
                 raise ApiError(Errors.CLIENT_DISCONNECTED)
-            raise ApiError(Errors.TIMEOUT, seconds=self.settings.request_timeout_s)
+            raise self._late(late, limit_s, "no answer by then (its texts still queued were dropped)")
         try:
-            return submitted.result()
+            outcomes = submitted.result()
         except QueueFullError as exc:
             raise ApiError(Errors.OVERLOADED, reason=str(exc)) from exc
         except BatcherClosedError as exc:
             raise ApiError(Errors.NOT_READY_DRAINING, detail=str(exc)) from exc
+        if any(isinstance(o, DeadlineExceededError) for o in outcomes):  # the batcher dropped its texts
+            raise self._late(late, limit_s, "its texts were dropped from the queue")
+        return outcomes
+
+    @staticmethod
+    def _late(kind: ErrorKind, limit_s: float, reason: str) -> ApiError:
+        if kind is Errors.TIMEOUT:
+            return ApiError(Errors.TIMEOUT, seconds=limit_s)
+        return ApiError(Errors.DEADLINE_EXCEEDED, deadline_ms=limit_s * 1000, reason=reason)
 
     def _scores_or_error(self, outcomes: list[Score | Exception]) -> list[Score]:
         """The scores, or one error naming every text that could not be scored."""

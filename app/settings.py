@@ -40,11 +40,24 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16_384, ge=1, description="most padded tokens in one forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a batch waits to fill under concurrent load")
     max_queue: int = Field(1024, ge=1, description=(
-        "most queue items waiting (a text, or 32 positions of an explanation); beyond it requests get 503 "
-        "(an empty queue takes any one request)"))
+        "most queue items waiting in each lane (a text, or 32 positions of an explanation); beyond it requests "
+        "get 503 (an empty lane takes any one request)"))
     max_batch_cost: float = Field(50_000, gt=0, description=(
         "most work in one batch, in characters (a gate trace counts 6×): keeps batches short, so a light "
         "request waits for at most one heavy batch"))
+    max_queue_cost: float = Field(10_000_000, gt=0, description=(
+        "most work waiting in each lane's queue, in characters (a gate trace counts 6×); beyond it requests "
+        "get 503 (an empty lane takes any one request). The default is about 25 s of work for 2 model workers "
+        "(~5 µs per character each): more could not be served within the default 30 s request timeout, and "
+        "it bounds the queue before the wait estimate has measured anything"))
+    # Lanes (interactive first; batch work keeps a share)
+    batch_lane_share: float = Field(0.2, gt=0, lt=1, description=(
+        "share of the model's work that the batch lane (\"priority\": \"batch\") keeps while interactive work "
+        "also waits, so it is never starved; interactive work gets the rest and goes first"))
+    batch_lane_batch_cost: float = Field(4_000, gt=0, description=(
+        "most batch-lane work in one batch while interactive work is waiting or arrived in the last second, in "
+        "characters (~3 IMDB reviews, ~20 ms on one core): an interactive request that finds every model "
+        "worker busy waits for at most about that long"))
     # Explanations (occlusion: one forward pass of the text per token, without that token)
     max_explain_tokens: int | None = Field(None, ge=1, description=(
         "most tokens (after truncation) in a text asked to be explained; default and ceiling: max_tokens"))
@@ -58,8 +71,12 @@ class Settings(BaseSettings):
     max_body_bytes: int | None = Field(None, ge=1, description=(
         "largest request body; default: the largest legal request (max_texts × max_text_chars × 12 bytes, "
         "every character a JSON \\u escape of a surrogate pair) plus 64 KiB"))
+    max_body_bytes_in_flight: int | None = Field(None, ge=1, description=(
+        "most request-body bytes held in memory at once, by all requests together; a request that would go "
+        "over it gets 503 overloaded (one request alone is always taken); default: 4 × the body limit"))
     request_timeout_s: float = Field(30.0, gt=0, description=(
-        "a request waiting longer gets 504; one predicted to wait longer is shed at once with 503"))
+        "a request waiting longer gets 504; one predicted to wait longer is shed at once with 503; the most a "
+        "request's own deadline (timeout_ms) may be"))
     # Access
     model_name: str = Field("sentiment", min_length=1, description="the model's name in the Open Inference Protocol (/v2/models/<name>)")
     api_key: SecretStr | None = Field(None, description="when set, prediction endpoints need 'Authorization: Bearer <key>'")
@@ -93,6 +110,12 @@ class Settings(BaseSettings):
         if self.max_body_bytes is not None:
             return self.max_body_bytes
         return self.max_texts * self.max_text_chars * 12 + 65_536
+
+    @property
+    def body_bytes_in_flight_limit(self) -> int:
+        """The cap on request-body bytes held at once, in bytes: four of the largest bodies by default
+        (their parsed texts take up to ~4× their bytes in Python: ~250 MB at the default body limit)."""
+        return self.max_body_bytes_in_flight if self.max_body_bytes_in_flight is not None else 4 * self.body_limit
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

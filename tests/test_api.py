@@ -134,7 +134,7 @@ def test_metrics_expose_what_an_operator_needs(client: TestClient) -> None:
     for needle in [
         'sentiment_request_duration_seconds_bucket{le="0.005",route="/v1/predict",status="200"}',
         'sentiment_request_duration_seconds_count{route="/v1/predict",status="422"} 1.0',
-        "sentiment_batch_size_bucket", "sentiment_queue_depth 0.0", "sentiment_texts_total 4.0",
+        "sentiment_batch_size_bucket", 'sentiment_queue_depth{lane="interactive"} 0.0', "sentiment_texts_total 4.0",
         "sentiment_queue_wait_seconds_bucket", "sentiment_tokens_per_text_bucket",
         "sentiment_truncated_texts_total 1.0", 'sentiment_errors_total{kind="invalid_request"} 1.0',
         'sentiment_model_info{device="cpu"', "sentiment_ready 1.0", "sentiment_batch_duration_seconds_bucket",

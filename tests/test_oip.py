@@ -308,6 +308,13 @@ def test_a_real_triton_client_against_the_real_server(tiny_artifacts) -> None:
                 assert result.as_numpy("probability").tolist() == pytest.approx(expected, abs=1e-7)
                 assert [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label").tolist()] == [
                     "positive" if p >= 0.5 else "negative" for p in expected]
+            # Triton's per-request priority level and timeout (µs), as the client sends them: the batch lane.
+            tensor = httpclient.InferInput("text", [len(TEXTS)], "BYTES")
+            tensor.set_data_from_numpy(texts)
+            result = client.infer("sentiment", [tensor], priority=2, timeout=10_000_000)
+            assert result.as_numpy("probability").tolist() == pytest.approx(expected, abs=1e-7)
+            metrics = __import__("httpx").get(f"{server.base_url}/metrics").text
+            assert 'sentiment_lane_requests_total{lane="batch"} 1.0' in metrics
             tensor = httpclient.InferInput("text", [1], "BYTES")
             tensor.set_data_from_numpy(np.array([b" "], dtype=np.object_))
             from tritonclient.utils import InferenceServerException
