@@ -20,109 +20,34 @@ a replacement that cannot start is retried with a backoff, and is fatal only whe
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import logging
-import os
 import queue
-import socket
-import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from app.poison import PoisonMemory
 from app.resources import resident_bytes
 from app.scorer import BatchLostError, TextRejectedError
 from app.throughput import Throughput
+from app.worker_process import WorkerConfig, WorkerProcess, WorkerStartError
 from sentiment.engine import ScoredBatch, ScoreRequest
 
 if TYPE_CHECKING:
     from app.scorer import ModelSummary
-    from app.settings import Settings
 
+__all__ = ["WorkerConfig", "WorkerDiedError", "WorkerPool", "WorkerStartError"]
 log = logging.getLogger("app.workers")
-START_TIMEOUT_S = 300.0  # load + warm-up of one worker; a slow disk or a cold page cache can take a while
 # A batch's deadline is this many times its predicted duration at the best recent throughput (an
 # optimistic rate: a busy machine, the front's share of the CPU and garbage collection all slow it).
 DEADLINE_FACTOR = 8.0
 RESTART_BACKOFF_S = (1.0, 5.0, 15.0, 60.0)  # between attempts to replace a worker that cannot start
-POISON_MEMORY = 10_000  # texts remembered at most (the oldest are forgotten first)
-# What a worker inherits: no secrets (API keys), only what Python, torch and the locale read.
-ENV_NAMES = {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LD_LIBRARY_PATH", "VIRTUAL_ENV"}
-ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "KMP_", "ONEDNN_", "DNNL_", "TORCH_", "CUDA_", "NVIDIA_",
-                "CUBLAS_", "PYTORCH_", "SPACY_")
 
 
 class WorkerDiedError(BatchLostError):
     """No model worker could take this batch (the pool is closing, or every worker is gone)."""
-
-
-class WorkerStartError(RuntimeError):
-    """A model-worker process could not load or warm up the model, or loaded another one."""
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a worker needs to build its engine (plain values: it crosses a process boundary)."""
-
-    artifacts_dir: str
-    device: str
-    precision: str
-    max_tokens: int | None
-    max_explain_tokens: int | None
-    max_batch_tokens: int
-    warmup: bool
-    log_format: str = "text"
-    log_level: str = "info"
-
-    @classmethod
-    def of(cls, settings: Settings) -> "WorkerConfig":
-        """The worker's share of the service's settings."""
-        s = settings
-        return cls(str(s.artifacts_dir), s.device, s.precision, s.max_tokens, s.max_explain_tokens,
-                   s.max_batch_tokens, s.warmup, s.log_format, s.log_level)
-
-
-def worker_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
-    """The environment of a worker: the allowed names of this one (no API keys, no tracing
-    endpoints), with this checkout first on the import path (the front may have found ``app``
-    through its working directory rather than an installed package)."""
-    env = {k: v for k, v in environ.items() if k in ENV_NAMES or k.startswith(ENV_PREFIXES)}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + environ["PYTHONPATH"] if environ.get("PYTHONPATH") else "")
-    return env
-
-
-def text_key(text: str) -> str:
-    """How a text is remembered: its SHA-256 (never the text itself)."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-class _Worker:
-    def __init__(self, index: int, process: subprocess.Popen, conn: Connection) -> None:
-        self.index, self.process, self.conn = index, process, conn
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def wait(self, timeout_s: float) -> int | None:
-        """The exit code once the process has ended within ``timeout_s``, else None."""
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> int | None:
-        self.process.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
-        code = self.wait(5)
-        self.conn.close()
-        return code
 
 
 class WorkerPool:
@@ -144,14 +69,14 @@ class WorkerPool:
         self.deadline_floor_s, self.deadline_cap_s, self.poison_ttl_s = deadline_floor_s, deadline_cap_s, poison_ttl_s
         self._on_restart, self._on_fatal = on_restart, on_fatal
         self._on_failure, self._on_poison, self._on_retry = on_failure, on_poison, on_retry
-        self._workers: dict[int, _Worker] = {}  # index → its live, ready worker
-        self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: closing, stop waiting
+        self._workers: dict[int, WorkerProcess] = {}  # index → its live, ready worker
+        self._idle: queue.SimpleQueue[WorkerProcess | None] = queue.SimpleQueue()  # None: closing, stop waiting
         self._lock = threading.Lock()
         self._closed = False
         # One worker's cost per second over batches of any size (small ones are slow per text, which
         # only errs towards longer deadlines).
         self._throughput = Throughput(1, 1, float("inf"))
-        self._poison: OrderedDict[str, float] = OrderedDict()  # text key → when it may be tried again
+        self._poison = PoisonMemory(poison_ttl_s)
 
     # ---- the Scorer protocol ------------------------------------------------------------------
     @property
@@ -195,7 +120,7 @@ class WorkerPool:
     def score(self, requests: list[ScoreRequest]) -> ScoredBatch:
         """Score one batch; a text fails only when it cannot be scored at all (see the module doc)."""
         results: list = [None] * len(requests)
-        todo = [i for i, r in enumerate(requests) if not self._refuses(r.text)]
+        todo = [i for i, r in enumerate(requests) if not self._poison.refuses(r.text)]
         for i in set(range(len(requests))) - set(todo):
             results[i] = TextRejectedError(self.poison_ttl_s)
         if not todo:
@@ -270,7 +195,7 @@ class WorkerPool:
         self._replace(worker, reason, detail)
         return detail
 
-    def _take_worker(self) -> _Worker:
+    def _take_worker(self) -> WorkerProcess:
         """A free, live worker (blocks until one is free); :class:`WorkerDiedError` when closing."""
         while True:
             worker = self._idle.get()
@@ -295,55 +220,22 @@ class WorkerPool:
         return min(self.deadline_cap_s, max(self.deadline_floor_s, DEADLINE_FACTOR * cost / rate))
 
     # ---- texts that break workers -------------------------------------------------------------
-    def _refuses(self, text: str) -> bool:
-        key = text_key(text)
-        with self._lock:
-            until = self._poison.get(key)
-            if until is not None and until < time.monotonic():
-                del self._poison[key]
-                return False
-            return until is not None
-
     def _remember_poison(self, text: str, reason: str) -> TextRejectedError:
+        key = self._poison.remember(text)
         log.error("a text failed a model worker twice, the second time alone (%s); refusing it for %.0fs "
-                  "(sha256 %s)", reason, self.poison_ttl_s, text_key(text)[:16])
-        with self._lock:
-            self._poison[text_key(text)] = time.monotonic() + self.poison_ttl_s
-            while len(self._poison) > POISON_MEMORY:
-                self._poison.popitem(last=False)
+                  "(sha256 %s)", reason, self.poison_ttl_s, key[:16])
         if self._on_poison is not None:
             self._on_poison()
         return TextRejectedError(self.poison_ttl_s)
 
     # ---- replacing workers --------------------------------------------------------------------
-    def _spawn(self, index: int) -> _Worker:
-        ours, theirs = socket.socketpair()
-        with theirs:
-            process = subprocess.Popen([*self.command, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                       stdin=subprocess.DEVNULL, env=worker_env())
-        conn = Connection(ours.detach())
-        conn.send(self.config)
-        return _Worker(index, process, conn)
+    def _spawn(self, index: int) -> WorkerProcess:
+        return WorkerProcess.spawn(self.command, self.config, index)
 
-    def _await_ready(self, worker: _Worker) -> ModelSummary:
-        """The summary the worker reports once warm; a worker that fails, or that loaded another model
-        than the pool serves, is killed and reported as :class:`WorkerStartError`."""
-        try:
-            if not worker.conn.poll(START_TIMEOUT_S):
-                raise WorkerStartError(f"model worker {worker.index} was not ready within {START_TIMEOUT_S:.0f}s")
-            status, detail = worker.conn.recv()
-        except (EOFError, OSError):
-            status, detail = "failed", f"exited with code {worker.wait(5)}"
-        if status == "ready" and self.model is not None and (detail.version, detail.checksum) != (
-                self.model.version, self.model.checksum):
-            status, detail = "failed", (f"loaded model {detail.version!r} ({detail.checksum[:12]}), not the "
-                                        f"served {self.model.version!r} ({self.model.checksum[:12]})")
-        if status != "ready":
-            worker.kill()
-            raise WorkerStartError(f"model worker {worker.index} failed to start: {detail}")
-        return detail
+    def _await_ready(self, worker: WorkerProcess) -> ModelSummary:
+        return worker.await_ready(self.model)
 
-    def _replace(self, worker: _Worker, reason: str, detail: str) -> None:
+    def _replace(self, worker: WorkerProcess, reason: str, detail: str) -> None:
         """Kill a worker that failed (``reason``: exit, deadline, bad_reply) and start its replacement
         in the background (ready once warm)."""
         with self._lock:

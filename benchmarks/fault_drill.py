@@ -11,6 +11,11 @@ Starts ``python -m app`` as shipped (one model worker per core, the shipped mode
 2. kills one model worker with SIGKILL and counts the requests that failed;
 3. kills the front with SIGKILL and measures how long its model workers outlive it.
 
+Before the faults, with ``--saturate`` more clients on top (the queue never empty), one more client
+sends reviews with ``"timeout_ms": 50`` one after another and records each answer's status and time,
+beside the mean batch duration: such a request must be answered within ~50 ms plus one batch, with
+200 or 504 ``deadline_exceeded``.
+
 Prints a table and writes ``results/fault_drill.json``. Not a test: it takes about a minute and its
 figures depend on the machine.
 """
@@ -94,6 +99,29 @@ class Load:
                 "ready_polls": len(ready), "ready_not_200": sum(s != 200 for s in ready)}
 
 
+def deadline_client(base_url: str, reviews: list[str], seconds: float, timeout_ms: int) -> list[tuple[int, str, float]]:
+    """Reviews posted one after another with ``timeout_ms``: each answer's (status, error code, seconds)."""
+    answers = []
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        end, n = time.monotonic() + seconds, 3
+        while time.monotonic() < end:
+            started = time.monotonic()
+            r = client.post("/v1/predict", json={"texts": [reviews[n % len(reviews)]], "timeout_ms": timeout_ms})
+            answers.append((r.status_code, r.headers.get("x-error-code", ""), time.monotonic() - started))
+            n += 11
+            time.sleep(0.05)
+    return answers
+
+
+def metric_sum(base_url: str, name: str) -> float:
+    """The sum of a metric's samples named exactly ``name`` (any labels)."""
+    total = 0.0
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def wait_for(predicate: Any, timeout_s: float, step_s: float = 0.05) -> float | None:
     """Seconds until ``predicate()`` held, or None if it did not within ``timeout_s``."""
     started = time.monotonic()
@@ -116,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "aclImdb_v1.tar.gz"))
     p.add_argument("--artifacts", default=str(REPO / "model_artifacts"))
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--saturate", type=int, default=12, help="extra clients during the deadline phase")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
     reviews = load_reviews(args.data, 500, seed=1)
@@ -126,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         count = len(workers)
         with Load(server.base_url, reviews, args.clients) as load:
             time.sleep(5)  # steady load, and a measured throughput for the batch deadlines
+            with Load(server.base_url, reviews, args.saturate):
+                time.sleep(2)
+                sums = [metric_sum(server.base_url, f"sentiment_batch_duration_seconds_{k}") for k in ("sum", "count")]
+                answers = deadline_client(server.base_url, reviews, 15, 50)
+                after = [metric_sum(server.base_url, f"sentiment_batch_duration_seconds_{k}") for k in ("sum", "count")]
+            times = sorted(t for *_, t in answers)
+            results["deadline_50ms"] = {
+                "clients": args.clients + args.saturate, "requests": len(answers),
+                "ok": sum(s == 200 for s, *_ in answers),
+                "deadline_exceeded": sum(code == "deadline_exceeded" for _, code, _ in answers),
+                "other": sum(s != 200 and code != "deadline_exceeded" for s, code, _ in answers),
+                "p50_ms": 1000 * times[len(times) // 2], "max_ms": 1000 * times[-1],
+                "mean_batch_ms": 1000 * (after[0] - sums[0]) / max(1.0, after[1] - sums[1])}
             t0 = time.monotonic()
             os.kill(workers[0], signal.SIGSTOP)
             gone = wait_for(lambda: not alive(workers[0]), 60)
@@ -152,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['ready_not_200']} of {s['ready_polls']} polls; slowest answer {s['slowest_s']:.2f}s")
     print(f"SIGKILL a worker : {k['errors']} of {k['requests']} requests failed; replaced after {k['replaced_after_s']:.1f}s; "
           f"readiness not 200 in {k['ready_not_200']} of {k['ready_polls']} polls")
+    d = results["deadline_50ms"]
+    print(f"timeout_ms 50    : beside {d['clients']} clients, {d['ok']} × 200, {d['deadline_exceeded']} × 504 "
+          f"deadline_exceeded, {d['other']} other of {d['requests']}; p50 {d['p50_ms']:.0f} ms, max {d['max_ms']:.0f} ms "
+          f"(mean batch {d['mean_batch_ms']:.0f} ms)")
     print(f"SIGKILL the front: its {f['workers']} workers gone after {f['workers_gone_after_s']}s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "fault_drill.json").write_text(json.dumps(results, indent=2) + "\n")

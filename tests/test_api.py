@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.settings import Settings
 from sentiment.engine import SentimentEngine
 from tests.conftest import wait_ready  # noqa: F401 (fixtures: make_client)

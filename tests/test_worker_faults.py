@@ -20,7 +20,8 @@ from app.main import create_app
 from app.process import ServiceProcess
 from app.scorer import TextRejectedError
 from app.settings import Settings
-from app.workers import WorkerConfig, WorkerPool, worker_env
+from app.worker_process import worker_env
+from app.workers import WorkerConfig, WorkerPool
 from sentiment.engine import Score, ScoreRequest
 from tests.conftest import make_tiny_artifacts, wait_ready
 
