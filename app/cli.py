@@ -55,7 +55,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``sentiment``; its exit status."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from app.bulk.readers import InputError
     from app.bulk.run import CHUNK_ROWS, BulkJob, BulkRun, error_counts
 

@@ -48,7 +48,8 @@ class SentimentPredictor:
         Series), in order. Also the predict function for Spark's ``predict_batch_udf``."""
         from sentiment.engine import ScoreRequest
 
-        rows = [InputRow(i, None if _missing(t) else t) for i, t in enumerate(texts)]
+        rows = [InputRow(i, None if _missing(t) else str(t) if isinstance(t, str) else t)  # np.str_ → str
+                for i, t in enumerate(texts)]
         codes = [check(row, self.settings) for row in rows]
         scorable = [row.text for row, code in zip(rows, codes) if code is None]
         results = iter(self.engine.score([ScoreRequest(t, trace=self.trace) for t in scorable]).results  # type: ignore[arg-type]
