@@ -3,9 +3,9 @@
     ray start --head                        # on the head node; on every other: ray start --address=HEAD:6379
     python examples/ray_score.py reviews.parquet scored/ --actors 8
 
-Every node needs this package (pip install 'lstm-sentiment-service[ray]') and the model artifacts at
-the same path. The output is a folder of Parquet files, one per block, in no particular order (each
-row keeps its id). docs/bulk.md, "On a cluster: Ray Data".
+Every node needs this package (pip install -e ".[ray]") and the model artifacts at the same path.
+The output is a folder of Parquet files, one per block, in no particular order (each row keeps its
+id). docs/bulk.md, "On a cluster: Ray Data", shows this program; tests/test_bulk_ray.py runs it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from app.bulk import SentimentPredictor
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="a .parquet or .csv file (or a folder of them) with a text column")
-    p.add_argument("output", help="a folder for the scored Parquet files")
-    p.add_argument("--address", default="auto", help="the cluster (default: the one `ray start` set up here)")
-    p.add_argument("--actors", type=int, default=2, help="predictors, one CPU each: the cluster's CPUs to use")
-    p.add_argument("--artifacts", help="model artifacts folder, the same path on every node (default: the shipped model)")
+    p = argparse.ArgumentParser()
+    p.add_argument("input")                      # a .parquet or .csv file (or a folder of them) with a text column
+    p.add_argument("output")                     # a folder for the scored Parquet files
+    p.add_argument("--address", default="auto")  # the cluster `ray start` set up
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--artifacts")                # the same path on every node (default: the shipped model)
     p.add_argument("--text-column", default="text")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per call of a predictor")
+    p.add_argument("--batch-size", type=int, default=256)
     args = p.parse_args()
 
     ray.init(address=args.address)

@@ -53,6 +53,13 @@ def test_the_predictor_scores_a_batch_column_like_the_command(tiny_artifacts: Pa
     assert list(predictor.predict(["a great film"])["probability"]) == [out["probability"][0]]
 
 
+def test_the_docs_show_the_program_that_the_cluster_test_runs() -> None:
+    docs = (REPO / "docs" / "bulk.md").read_text()
+    block = docs[docs.index("```python\nimport argparse") + len("```python\n"):]
+    block = block[:block.index("```")]
+    assert EXAMPLE.read_text().endswith(block), "docs/bulk.md's Ray example and examples/ray_score.py differ"
+
+
 class RayCluster:
     """A head and one more node on this machine, each started by ``ray start`` in its own session."""
 
