@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"resumed after row {summary.resumed_from}; {done} rows scored in this run")
     if summary.accuracy is not None:
         lines.append(f"accuracy {summary.accuracy:.4f} on {summary.labelled} labelled reviews")
-    lines.append(f"model {summary.model} on {summary.workers or 'no'} worker process(es): start-up "
+    where = f"{summary.workers} model worker{'s' * (summary.workers != 1)}" if summary.workers else "this process"
+    lines.append(f"model {summary.model} on {where}: start-up "
                  f"{summary.startup_seconds:.1f}s, {done} rows in {summary.scoring_seconds:.1f}s "
                  f"({summary.rows_per_s:.1f} rows/s)")
     print("\n".join(lines))

@@ -62,6 +62,20 @@ class SentimentPredictor:
         return {**batch, **self.predict(batch[self.text_column])}
 
 
+def spark_schema(trace: bool = False) -> Any:
+    """The Spark type of :meth:`SentimentPredictor.predict`'s columns: ``predict_batch_udf``'s
+    ``return_type`` (a struct; select ``"score.*"`` to get the columns)."""
+    from pyspark.sql.types import (ArrayType, BooleanType, DoubleType, LongType, StringType, StructField,
+                                   StructType)
+
+    fields = [StructField("probability", DoubleType()), StructField("label", StringType()),
+              StructField("num_tokens", LongType()), StructField("truncated", BooleanType()),
+              StructField("error", StringType())]
+    if trace:
+        fields += [StructField("tokens", ArrayType(StringType())), StructField("trace", ArrayType(DoubleType()))]
+    return StructType(fields)
+
+
 def _missing(value: Any) -> bool:
     # A null arrives as None (Ray's numpy batches of strings) or NaN (pandas object columns).
     return value is None or (isinstance(value, float) and math.isnan(value))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.admission import text_problem
+from app.admission import LONE_SURROGATE, text_problem
 from app.scorer import TextRejectedError
 from app.settings import Settings
 from sentiment import label_of
@@ -79,3 +79,11 @@ def score_columns(result: Score | BaseException | str, trace: bool = False) -> d
         columns["tokens"] = result.tokens if scored else None  # type: ignore[union-attr]
         columns["trace"] = result.trace if scored else None  # type: ignore[union-attr]
     return columns
+
+
+def writable_id(value: Any) -> Any:
+    """A row's id as it can be written out: a JSON id with a lone surrogate ("\\ud800") gets "?" in
+    its place, since no output format can hold one; any other id is kept as it is."""
+    if isinstance(value, str) and LONE_SURROGATE.search(value):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.bulk.readers import InputError, Source, open_source
-from app.bulk.rows import SCORE_COLUMNS, TRACE_COLUMNS, InputRow, check, score_columns
+from app.bulk.rows import SCORE_COLUMNS, TRACE_COLUMNS, InputRow, check, score_columns, writable_id
 from app.bulk.writers import Progress, ResumeError, Sink, default_output, open_sink, output_format
 from app.metrics import ServiceMetrics
 from app.scorer import Scorer, build_scorer
@@ -206,7 +206,7 @@ class BulkRun:
             for row, code in zip(rows, codes):
                 columns = score_columns(code if code is not None else next(results), self.job.trace)
                 self.summary.add(row, columns)
-                record = {self.columns[0]: row.id, **columns}
+                record = {self.columns[0]: writable_id(row.id), **columns}
                 if self.source.labelled:
                     record["expected"] = "positive" if row.expected else "negative"
                 out.append({c: record[c] for c in self.columns})
