@@ -35,13 +35,13 @@ RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_na
 
 
 def test_the_predictor_scores_a_batch_column_like_the_command(tiny_artifacts: Path) -> None:
+    import pyarrow as pa
+
     predictor = SentimentPredictor(tiny_artifacts)
-    texts = np.array(["a great film", None, "  ", "the movie was bad !", math.nan, "<br />", 7], dtype=object)
-    batch = {"id": np.arange(7), "text": texts}
-    out = predictor(batch)
-    assert out["id"] is batch["id"] and out["text"] is texts  # the batch's columns pass through
-    assert list(out["error"]) == [None, "missing_field", "empty_text", None, "missing_field", "empty_text",
-                                  "not_a_string"]
+    texts = np.array(["a great film", None, "  ", "the movie was bad !", math.nan, "<br />"], dtype=object)
+    out = predictor({"id": np.arange(6), "text": texts}).to_pydict()
+    assert out["id"] == list(range(6)) and out["text"][0] == "a great film"  # the batch's columns pass through
+    assert out["error"] == [None, "missing_field", "empty_text", None, "missing_field", "empty_text"]
     engine = SentimentEngine.load(tiny_artifacts, "cpu")
     expected = engine.score([ScoreRequest("a great film"), ScoreRequest("the movie was bad !")]).results
     for row, score in zip((0, 3), expected):
@@ -49,8 +49,12 @@ def test_the_predictor_scores_a_batch_column_like_the_command(tiny_artifacts: Pa
         assert (out["num_tokens"][row], out["truncated"][row]) == (score.num_tokens, score.truncated)
         assert out["label"][row] == ("positive" if score.probability >= 0.5 else "negative")
     assert out["probability"][1] is None and out["label"][1] is None
-    # Spark's predict_batch_udf calls the predict function with a bare column.
-    assert list(predictor.predict(["a great film"])["probability"]) == [out["probability"][0]]
+    # Types are fixed, also for a batch without any error (Arrow would infer its null type).
+    clean = predictor({"text": np.array(["a great film"], dtype=object)})
+    assert clean.schema.field("error").type == pa.string() and clean.column("error").to_pylist() == [None]
+    # Spark's predict_batch_udf calls the predict function with a bare column; not_a_string as in the command.
+    bare = predictor.predict(["a great film", 7])
+    assert list(bare["probability"]) == [out["probability"][0], None] and list(bare["error"]) == [None, "not_a_string"]
 
 
 def test_the_docs_show_the_program_that_the_cluster_test_runs() -> None:

@@ -16,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from app.bulk.rows import SCORE_COLUMNS, TRACE_COLUMNS, InputRow, check, score_columns
+from app.bulk.rows import SCORE_COLUMNS, TRACE_COLUMNS, InputRow, arrow_types, check, score_columns
 from app.settings import Settings
 
 
 class SentimentPredictor:
     """A callable for ``Dataset.map_batches(SentimentPredictor, fn_constructor_kwargs={...},
-    concurrency=N, batch_format="numpy")``: each batch (a dict of columns) comes back with the columns
-    ``probability``, ``label``, ``num_tokens``, ``truncated`` and ``error`` added (and ``tokens``,
-    ``trace`` with ``trace=True``). A row that cannot be scored gets an ``error`` value, as in
-    ``sentiment score``; it never fails the batch."""
+    concurrency=N, batch_format="numpy")``: each batch (a dict of columns) comes back, as an Arrow
+    table, with the columns ``probability``, ``label``, ``num_tokens``, ``truncated`` and ``error``
+    added (and ``tokens``, ``trace`` with ``trace=True``). A row that cannot be scored gets an
+    ``error`` value, as in ``sentiment score``; it never fails the batch."""
 
     def __init__(self, artifacts_dir: str | Path | None = None, text_column: str = "text", device: str = "cpu",
                  trace: bool = False, torch_threads: int = 1) -> None:
@@ -57,9 +57,18 @@ class SentimentPredictor:
         outcomes = [score_columns(code if code is not None else next(results), self.trace) for code in codes]
         return {name: _column([o[name] for o in outcomes]) for name in self.columns}
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Ray Data's batch (a dict of column arrays) with the score columns added."""
-        return {**batch, **self.predict(batch[self.text_column])}
+    def __call__(self, batch: Mapping[str, Any]) -> Any:
+        """Ray Data's batch (a dict of column arrays) with the score columns added, as an Arrow table
+        whose score columns have fixed types: left to inference, a batch without any error would
+        get an ``error`` column of Arrow's null type, and blocks of two types cannot be written out
+        as one dataset."""
+        import pyarrow as pa
+
+        scores = self.predict(batch[self.text_column])
+        types = arrow_types(pa)
+        columns = {name: pa.array(values, from_pandas=True) for name, values in batch.items()}
+        columns.update({name: pa.array(list(values), type=types[name]) for name, values in scores.items()})
+        return pa.table(columns)
 
 
 def spark_schema(trace: bool = False) -> Any:

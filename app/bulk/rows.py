@@ -33,6 +33,14 @@ SCORE_COLUMNS = ("probability", "label", "num_tokens", "truncated", "error")
 TRACE_COLUMNS = ("tokens", "trace")
 
 
+def arrow_types(pa: Any) -> dict[str, Any]:
+    """The Arrow type of every column a row can gain (Parquet output, Ray Data blocks): fixed, so that a
+    part or block without any error still has a string ``error`` column, not Arrow's null type."""
+    return {"probability": pa.float64(), "label": pa.string(), "num_tokens": pa.int64(), "truncated": pa.bool_(),
+            "error": pa.string(), "expected": pa.string(), "tokens": pa.list_(pa.string()),
+            "trace": pa.list_(pa.float64())}
+
+
 @dataclass(frozen=True)
 class InputRow:
     """A row as read: its id, its text (None when it has none) or the error found while reading it,

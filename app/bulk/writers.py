@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.bulk.readers import PARQUET_EXTRA, InputError, Source
+from app.bulk.rows import arrow_types
 
 OUTPUT_FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_PART_ROWS = 8192  # rows per part file (and per row group of the output)
@@ -178,9 +179,7 @@ class ParquetSink(Sink):
         pa = self.pa
         kind = self.source.id_kind
         id_type = {"row": pa.int64(), "parquet": self.source.id_arrow_type}.get(kind, pa.string())
-        types = {"probability": pa.float64(), "label": pa.string(), "num_tokens": pa.int64(), "truncated": pa.bool_(),
-                 "error": pa.string(), "expected": pa.string(), "tokens": pa.list_(pa.string()),
-                 "trace": pa.list_(pa.float64())}
+        types = arrow_types(pa)
         return pa.schema([(c, id_type if i == 0 else types[c]) for i, c in enumerate(self.columns)])
 
     def _part_paths(self) -> list[Path]:
