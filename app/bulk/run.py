@@ -163,8 +163,8 @@ class BulkRun:
         """Score the input into the output; the summary. ``scorer``: an already started one (tests,
         several runs); by default the service's, started here and closed at the end."""
         started = time.perf_counter()
+        settings = bulk_settings(self.job)  # before the output is touched: bad SENTIMENT_* values fail first
         sink = self.prepare()
-        settings = bulk_settings(self.job)
         own = scorer is None
         failure: list[str] = []
         try:
