@@ -2,8 +2,9 @@
 cluster: a head and a second node started with ``ray start`` as a user would, 2,000 IMDB test reviews
 scored through ``map_batches``, each row equal to the command's.
 
-The cluster is torn down by ending the process groups this test started (not ``ray stop``, which
-ends every Ray process on the machine, a developer's own cluster included), also when the test fails.
+The cluster is torn down by ending the processes of the sessions this test started (not ``ray stop``,
+which ends every Ray process on the machine, a developer's own cluster included), also when the
+test fails.
 """
 
 from __future__ import annotations
@@ -73,17 +74,19 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
                     "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-        self.groups: list[int] = []
-        common = [f"--num-cpus={cpus_per_node}", "--object-store-memory=200000000", "--disable-usage-stats"]
-        self._start(["--head", f"--port={self.port}", f"--temp-dir={self.temp}", "--include-dashboard=false",
-                     f"--ray-client-server-port={free_port()}", *common])
+        self.sessions: list[int] = []  # the pid of each `ray start`: the id of the session it leads
+        self.cpus_per_node = cpus_per_node
+
+    def start(self) -> None:
+        common = [f"--num-cpus={self.cpus_per_node}", "--object-store-memory=200000000", "--disable-usage-stats"]
+        self._start(["--head", f"--port={self.port}", f"--temp-dir={self.temp}", "--include-dashboard=false", *common])
         self._start([f"--address={self.address}", *common])
 
     def _start(self, args: list[str]) -> None:
         started = subprocess.Popen([RAY, "start", *args], env=self.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   start_new_session=True)  # its daemons stay in this process group
-        self.groups.append(started.pid)
+                                   start_new_session=True)  # its daemons and workers stay in this session
+        self.sessions.append(started.pid)
         out, _ = started.communicate(timeout=180)
         if started.returncode != 0:
             raise RuntimeError(f"ray start {' '.join(args)} failed:\n{out[-3000:]}")
@@ -93,15 +96,31 @@ class RayCluster:
         return subprocess.run([sys.executable, *map(str, args)], env=self.env, cwd=REPO, capture_output=True,
                               text=True, timeout=timeout, check=False)
 
+    def members(self) -> list[int]:
+        """Every live process of the sessions this cluster started (Ray's workers have their own
+        process groups, but stay in the session of the `ray start` that made their raylet)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) in self.sessions:  # a zombie is gone already
+                pids.append(int(stat.parent.name))
+        return pids
+
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for group in self.groups:
+            for pid in self.members():
                 try:
-                    os.killpg(group, sig)
+                    os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            if sig == signal.SIGTERM:
-                time.sleep(3)  # let raylets and workers exit on their own first
+            # A moment to exit on their own (workers do; gcs_server and raylets take ~10 s, and this
+            # cluster's state is thrown away anyway), then the rest is killed.
+            deadline = time.monotonic() + (3 if sig == signal.SIGTERM else 10)
+            while self.members() and time.monotonic() < deadline:
+                time.sleep(0.2)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
@@ -110,6 +129,7 @@ def ray_cluster() -> Iterator[RayCluster]:
     pytest.importorskip("ray")  # in the dev extra: CI runs this test
     cluster = RayCluster()
     try:
+        cluster.start()
         yield cluster
     finally:
         cluster.stop()
