@@ -45,7 +45,7 @@ class SentimentPredictor:
 
     def predict(self, texts: Sequence[Any]) -> dict[str, np.ndarray]:
         """The output columns for a column of texts (any sequence: a NumPy array, a list, a pandas
-        Series), in order. Also the predict function for Spark's ``predict_batch_udf``."""
+        Series), in order."""
         from sentiment.engine import ScoreRequest
 
         rows = [InputRow(i, None if _missing(t) else str(t) if isinstance(t, str) else t)  # np.str_ → str
@@ -56,6 +56,14 @@ class SentimentPredictor:
                        if scorable else [])
         outcomes = [score_columns(code if code is not None else next(results), self.trace) for code in codes]
         return {name: _column([o[name] for o in outcomes]) for name in self.columns}
+
+    def predict_spark(self, texts: Sequence[Any]) -> dict[str, np.ndarray]:
+        """:meth:`predict` for Spark's ``predict_batch_udf`` (its return type: :func:`spark_schema`),
+        whose struct fields can be neither booleans nor ragged lists: ``truncated`` comes as 0 or 1
+        (``.cast("boolean")`` turns it back), and there is no trace."""
+        columns = self.predict(texts)
+        columns["truncated"] = _column([None if v is None else int(v) for v in columns["truncated"]])
+        return {name: columns[name] for name in SCORE_COLUMNS}
 
     def __call__(self, batch: Mapping[str, Any]) -> Any:
         """Ray Data's batch (a dict of column arrays) with the score columns added, as an Arrow table
@@ -71,18 +79,14 @@ class SentimentPredictor:
         return pa.table(columns)
 
 
-def spark_schema(trace: bool = False) -> Any:
-    """The Spark type of :meth:`SentimentPredictor.predict`'s columns: ``predict_batch_udf``'s
-    ``return_type`` (a struct; select ``"score.*"`` to get the columns)."""
-    from pyspark.sql.types import (ArrayType, BooleanType, DoubleType, LongType, StringType, StructField,
-                                   StructType)
+def spark_schema() -> Any:
+    """The Spark type of :meth:`SentimentPredictor.predict_spark`'s columns: ``predict_batch_udf``'s
+    ``return_type`` (a struct; select ``"score.*"`` for the columns)."""
+    from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
-    fields = [StructField("probability", DoubleType()), StructField("label", StringType()),
-              StructField("num_tokens", LongType()), StructField("truncated", BooleanType()),
-              StructField("error", StringType())]
-    if trace:
-        fields += [StructField("tokens", ArrayType(StringType())), StructField("trace", ArrayType(DoubleType()))]
-    return StructType(fields)
+    return StructType([StructField("probability", DoubleType()), StructField("label", StringType()),
+                       StructField("num_tokens", LongType()), StructField("truncated", LongType()),
+                       StructField("error", StringType())])
 
 
 def _missing(value: Any) -> bool:
