@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "device": args.device},
         "command": "python -m benchmarks.bulk " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reviews": len(reviews),
+        "load_average_before": os.getloadavg(),  # other work on the machine makes both figures move
     }
     with tempfile.TemporaryDirectory(prefix="bulk-bench") as tmp:
         source, output, summary_path = Path(tmp) / "reviews.jsonl", Path(tmp) / "scored.jsonl", Path(tmp) / "s.json"
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         after = offline_ceiling(Path(args.artifacts), sample, 256, processes, device=ceiling_device)
         print(f"  {after['reviews_per_s']:.1f} reviews/s", flush=True)
 
+    results["load_average_after"] = os.getloadavg()
     ceiling = (before["reviews_per_s"] + after["reviews_per_s"]) / 2
     memory = memory_summary(sampler.samples, wall - summary["scoring_seconds"])
     results.update({
