@@ -51,30 +51,34 @@ class MemorySampler(threading.Thread):
 
     def __init__(self, process: subprocess.Popen) -> None:
         super().__init__(daemon=True)
-        self.process, self.samples = process, []  # (seconds since start, command MB, workers MB)
+        self.process = process
+        self.samples: list[tuple[float, float, float, int]] = []  # (s since start, command MB, workers MB, workers)
 
     def run(self) -> None:
         started = time.perf_counter()
         while self.process.poll() is None:
-            main = resident_bytes(self.process.pid)
-            workers = sum(resident_bytes(c) for c in children(self.process.pid))
-            self.samples.append((round(time.perf_counter() - started, 2), main / 2**20, workers / 2**20))
+            workers = children(self.process.pid)
+            self.samples.append((round(time.perf_counter() - started, 2), resident_bytes(self.process.pid) / 2**20,
+                                 sum(resident_bytes(c) for c in workers) / 2**20, len(workers)))
             time.sleep(SAMPLE_S)
 
 
-def memory_summary(samples: list[tuple[float, float, float]], scoring_from_s: float) -> dict[str, Any]:
-    """Memory while scoring (from ``scoring_from_s`` after the command started): at its start, middle
-    and end, and the peak; flat means the end is within 5 % of the middle (caches warm by then), as
+def memory_summary(samples: list[tuple[float, float, float, int]], startup_s: float) -> dict[str, Any]:
+    """Memory while scoring: from start-up's end (``startup_s`` after every worker is there) to the last
+    sample with every worker still there (the pool closes before the command exits). Its start,
+    middle, end and peak; flat means the end is within 5 % of the middle (caches warm by then), as
     in the service's memory soak."""
-    scoring = [s for s in samples if s[0] >= scoring_from_s] or samples
-    total = [m + w for _, m, w in scoring]
+    full = max(n for *_, n in samples)
+    first = next(t for t, *_, n in samples if n == full)
+    scoring = [s for s in samples if s[3] == full and s[0] >= first + startup_s]
+    total = [m + w for _, m, w, _ in scoring]
     mid = total[len(total) // 2]
-    return {"samples": len(samples), "every_s": SAMPLE_S,
+    return {"samples": len(samples), "every_s": SAMPLE_S, "scoring_samples": len(scoring),
             "command_mb": {"start": scoring[0][1], "mid": scoring[len(scoring) // 2][1], "end": scoring[-1][1],
-                           "max": max(m for _, m, _ in scoring)},
+                           "max": max(m for _, m, _, _ in scoring)},
             "total_mb": {"start": total[0], "mid": mid, "end": total[-1], "max": max(total)},
             "end_over_mid": total[-1] / mid,
-            "series": [(t, round(m + w, 1)) for t, m, w in samples[:: max(1, len(samples) // 200)]]}
+            "series": [(t, round(m + w, 1), n) for t, m, w, n in samples[:: max(1, len(samples) // 200)]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["load_average_after"] = os.getloadavg()
     ceiling = (before["reviews_per_s"] + after["reviews_per_s"]) / 2
-    memory = memory_summary(sampler.samples, wall - summary["scoring_seconds"])
+    memory = memory_summary(sampler.samples, summary["startup_seconds"])
     results.update({
         "offline_ceiling": {"before": before, "after": after, "mean_reviews_per_s": ceiling},
         "bulk": {"rows": summary["rows"], "errors": summary["errors"], "workers": summary["workers"],
