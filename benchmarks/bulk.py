@@ -57,9 +57,9 @@ class MemorySampler(threading.Thread):
     def run(self) -> None:
         started = time.perf_counter()
         while self.process.poll() is None:
-            workers = children(self.process.pid)
+            workers = [resident_bytes(c) for c in children(self.process.pid)]  # 0: exited, not yet reaped
             self.samples.append((round(time.perf_counter() - started, 2), resident_bytes(self.process.pid) / 2**20,
-                                 sum(resident_bytes(c) for c in workers) / 2**20, len(workers)))
+                                 sum(workers) / 2**20, sum(1 for w in workers if w)))
             time.sleep(SAMPLE_S)
 
 
