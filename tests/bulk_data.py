@@ -128,7 +128,7 @@ def _csv_line(values: list[str]) -> bytes:
 def score_command(*args: Any, timeout: float = 600, **popen: Any) -> subprocess.CompletedProcess[str]:
     """``sentiment score ARGS`` as a user runs it (``python -m app.cli``: the console script's target)."""
     return subprocess.run([sys.executable, "-m", "app.cli", "score", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, **popen)
+                          text=True, timeout=timeout, check=False, **popen)
 
 
 def read_output(path: Path) -> list[dict[str, Any]]:
