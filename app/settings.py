@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, prediction endpoints need 'Authorization: Bearer <key>'")
     api_keys_file: Path | None = Field(None, description=(
         "file of accepted API keys, one per line ('#' comments); must exist and hold a key, else start-up fails"))
+    # Model repository (docs/releasing.md)
+    model_repository: Path | None = Field(None, description=(
+        "directory of artifact directories, one per model version (the directory's name is the version); the "
+        "/v2/repository endpoints load, shadow and swap them (they exist only with an admin key)"))
+    admin_key: SecretStr | None = Field(None, description=(
+        "when set, the /v2/repository endpoints exist and need 'Authorization: Bearer <admin key>'; prediction "
+        "keys never open them"))
+    admin_keys_file: Path | None = Field(None, description=(
+        "file of accepted admin keys, one per line ('#' comments); must exist and hold a key, else start-up fails"))
     # Faults
     stuck_batch_s: float = Field(60.0, gt=0, description="a batch running longer turns readiness 503 (model stuck)")
     stuck_liveness_s: float = Field(120.0, gt=0, description="a batch running longer fails liveness too (restart me)")
@@ -124,6 +133,10 @@ class Settings(BaseSettings):
                              f"(SENTIMENT_MAX_TEXTS = {self.max_texts})")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"SENTIMENT_API_KEYS_FILE ({self.api_keys_file}) is not a readable file")
+        if self.admin_keys_file is not None and not self.admin_keys_file.is_file():
+            raise ValueError(f"SENTIMENT_ADMIN_KEYS_FILE ({self.admin_keys_file}) is not a readable file")
+        if self.model_repository is not None and not self.model_repository.is_dir():
+            raise ValueError(f"SENTIMENT_MODEL_REPOSITORY ({self.model_repository}) is not a directory")
         if self.batch_deadline_cap_s < self.batch_deadline_floor_s:
             raise ValueError("SENTIMENT_BATCH_DEADLINE_CAP_S must be at least SENTIMENT_BATCH_DEADLINE_FLOOR_S")
         if self.stuck_liveness_s < self.stuck_batch_s:

@@ -45,6 +45,19 @@ class EmptyTextError(ValueError):
     """A text produced no tokens (for example only HTML line breaks)."""
 
 
+class VersionMismatchError(RuntimeError):
+    """A request pinned to one model version reached an engine holding another. Never expected: the
+    service pins each request's items to the version it admitted them for and routes them to that
+    version's workers, so this is the invariant "each request is scored by one version" failing loudly."""
+
+    def __init__(self, wanted: str, loaded: str) -> None:
+        super().__init__(f"a request pinned to model version {wanted!r} reached version {loaded!r}")
+        self.wanted, self.loaded = wanted, loaded
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # crosses the pipe from a model worker
+        return VersionMismatchError, (self.wanted, self.loaded)
+
+
 class ExplainTooLongError(ValueError):
     """A text asked for an explanation has more tokens (after truncation) than the explanation limit."""
 
@@ -66,6 +79,7 @@ class ScoreRequest:
     gates: bool = False
     explain: bool = False  # occlusion: P(text) − P(text without token j), for every token j …
     explain_span: tuple[int, int] | None = None  # … or only for start <= j < stop (a slice of the work)
+    version: str | None = None  # the model version that must score it (None: whichever engine gets it)
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ class SentimentEngine:
     """Holds the model, the vocabulary and the text encoder. Not thread-safe: one caller at a time."""
 
     def __init__(self, artifacts: Artifacts, max_tokens: int | None = None, max_batch_tokens: int = 16_384,
-                 max_explain_tokens: int | None = None, precision: str = "fp32") -> None:
+                 max_explain_tokens: int | None = None, precision: str = "fp32", version: str | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         # Read by oneDNN when it first builds a primitive, so before any forward pass; a value set
@@ -136,6 +150,9 @@ class SentimentEngine:
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE)
         self.artifacts = artifacts
         self.precision = precision
+        # A model repository names versions by directory (two copies of one model are two versions);
+        # without one, the model card's version.
+        self._version = version
         self.encoder = TextEncoder(artifacts.vocab)
         self.max_tokens = artifacts.vocab.settings.token_limit(max_tokens)
         self.max_batch_tokens = max_batch_tokens
@@ -181,7 +198,8 @@ class SentimentEngine:
 
     @property
     def version(self) -> str:
-        return str(self.artifacts.card.get("version", "unknown"))
+        """The version this engine serves: its repository name, else the model card's version."""
+        return self._version or str(self.artifacts.card.get("version", "unknown"))
 
     def score(self, requests: Sequence[ScoreRequest]) -> ScoredBatch:
         """Tokenise raw texts, then score them in length-bucketed forward passes.
@@ -197,7 +215,9 @@ class SentimentEngine:
         results: list[Score | Exception | None] = [None] * len(requests)
         scorable = []
         for i, enc in enumerate(encoded):
-            if isinstance(enc, Exception):
+            if requests[i].version not in (None, self.version):
+                results[i] = VersionMismatchError(str(requests[i].version), self.version)
+            elif isinstance(enc, Exception):
                 results[i] = enc
             elif enc.total_tokens == 0:
                 results[i] = EmptyTextError("text contains no tokens after cleaning")
