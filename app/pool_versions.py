@@ -20,9 +20,10 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from app.scorer import CandidateError
+from app.resources import resident_bytes
 from app.worker_process import START_TIMEOUT_S, WorkerConfig, WorkerProcess, WorkerStartError
 
 if TYPE_CHECKING:
@@ -81,6 +82,36 @@ class VersionedWorkers:
         """What a new worker of ``version`` must report (version and checksum), if it is still wanted."""
         entry = self._versions.get(version)
         return entry[1] if entry is not None else None
+
+    # ---- the processes --------------------------------------------------------------------------
+    def resident_bytes(self) -> int:
+        return sum(self.worker_bytes().values())
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Tell every worker to exit (after the batcher has drained); kill those that do not."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for idle in list(self._idle.values()):
+            idle.put(None)  # wakes any caller still waiting for a worker
+        for worker in workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for worker in workers:
+            if worker.wait(max(0.0, deadline - time.monotonic())) is None:  # a hung batch: no asking nicely
+                worker.kill()
+            worker.conn.close()
+
+    def worker_bytes(self) -> dict[int, int]:
+        """Resident memory of each live worker (index → bytes), from /proc."""
+        return {index: resident_bytes(worker.pid) for index, worker in list(self._workers.items())}
+
+    def pids(self) -> Sequence[int]:
+        return [w.pid for w in self._workers.values()]
 
     # ---- the version operations (blocking: the model-control thread calls them) ---------------
     def add_version(self, artifacts_dir: str, version: str, shadow: bool = False) -> ModelSummary:

@@ -56,10 +56,10 @@ class ModelRepository:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
-        """Every version name in the repository (its entries that are plain names), sorted."""
+        """Every version name in the repository (its directories, or links to one, with plain names), sorted."""
         if self.root is None or not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if VERSION_NAME.fullmatch(p.name))
+        return sorted(p.name for p in self.root.iterdir() if VERSION_NAME.fullmatch(p.name) and p.is_dir())
 
     def resolve(self, name: object) -> Path:
         """The directory of version ``name``: 400 for anything but a plain name, 404 for no such

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from app.poison import PoisonMemory
 from app.pool_versions import CandidateError, VersionedWorkers
-from app.resources import resident_bytes
 from app.scorer import BatchLostError, TextRejectedError
 from app.throughput import Throughput
 from app.worker_process import WorkerConfig, WorkerProcess, WorkerStartError
@@ -171,28 +170,6 @@ class WorkerPool(VersionedWorkers):
         merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         return merged
 
-    def resident_bytes(self) -> int:
-        return sum(self.worker_bytes().values())
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Tell every worker to exit (after the batcher has drained); kill those that do not."""
-        with self._lock:
-            self._closed = True
-            workers = list(self._workers.values())
-            self._workers.clear()
-        for idle in list(self._idle.values()):
-            idle.put(None)  # wakes any caller still waiting for a worker
-        for worker in workers:
-            try:
-                worker.conn.send(None)
-            except OSError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        for worker in workers:
-            if worker.wait(max(0.0, deadline - time.monotonic())) is None:  # a hung batch: no asking nicely
-                worker.kill()
-            worker.conn.close()
-
     # ---- one batch on one worker --------------------------------------------------------------
     def _attempt(self, version: str, requests: list[ScoreRequest]) -> ScoredBatch | str:
         """The batch scored by a free worker of ``version``, or why that worker failed (it is then replaced)."""
@@ -209,7 +186,7 @@ class WorkerPool(VersionedWorkers):
                 if isinstance(batch, ScoredBatch) and len(batch.results) == len(requests):
                     if not worker.shadow:  # the shadow's pace (niced, a single worker) says nothing of serving
                         self._throughput.record(len(requests), cost, time.perf_counter() - started)
-                    self._idle[version].put(worker)
+                    self._release(worker)
                     return batch
                 reason, detail = "bad_reply", f"a malformed reply ({type(batch).__name__})"
         except (EOFError, OSError):
@@ -218,6 +195,14 @@ class WorkerPool(VersionedWorkers):
             reason, detail = "bad_reply", f"an undecodable reply ({type(exc).__name__})"
         self._replace(worker, reason, detail)
         return detail
+
+    def _release(self, worker: WorkerProcess) -> None:
+        """A worker that finished its batch is free again, unless its version was retired meanwhile."""
+        idle = self._idle.get(str(worker.version))
+        if idle is None or self._workers.get(worker.index) is not worker:
+            worker.stop()
+            return
+        idle.put(worker)
 
     def _take_worker(self, version: str) -> WorkerProcess:
         """A free, live worker of ``version`` (blocks until one is free); :class:`WorkerDiedError`
@@ -286,6 +271,8 @@ class WorkerPool(VersionedWorkers):
         """Start a worker of ``version`` in slot ``index``, retrying with a backoff, unless the version
         is retired meanwhile (it must load the same model: version and checksum)."""
         for attempt in itertools.count():
+            if not self.wanted(version):
+                return
             try:
                 worker = self._spawn(index, config)
                 worker.await_ready(self.expected(version))
@@ -310,10 +297,3 @@ class WorkerPool(VersionedWorkers):
             self._workers[index] = worker
         idle.put(worker)
         log.info("model worker %d (version %s) started (pid %s)", index, version, worker.pid)
-
-    def worker_bytes(self) -> dict[int, int]:
-        """Resident memory of each live worker (index → bytes), from /proc."""
-        return {index: resident_bytes(worker.pid) for index, worker in list(self._workers.items())}
-
-    def pids(self) -> Sequence[int]:
-        return [w.pid for w in self._workers.values()]
