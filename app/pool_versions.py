@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SHADOW_NICE", "CandidateError", "VersionedWorkers"]
 log = logging.getLogger("app.workers")
-# A shadow worker's extra niceness (over the workers' own 5): at nice 15 it gets ~5 % of a core that
+# A shadow worker's extra niceness (over the workers' own 5): at nice 15 it gets ~10 % of a core that
 # serving workers also want (CFS weights 36 against 335), so shadow work waits, not callers.
 SHADOW_NICE = 10
 
