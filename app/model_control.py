@@ -166,6 +166,7 @@ class ModelControl:
         scorer = self.lifecycle.scorer
         if self.shadow is not None and self.shadow.version == version:  # promote: it is loaded and measured
             self.shadow.stop()
+            self.shadow.join(5)
             answer["shadow"] = self.shadow.summary()
             self.shadow = None
         else:
@@ -199,10 +200,11 @@ class ModelControl:
                 if version not in self.repository.names():
                     raise ApiError(Errors.MODEL_NOT_FOUND, detail=f"the model repository has no version {version!r}")
                 return {**answer, "changed": False}
-            self.shadow.stop()
-            answer["shadow"] = self.shadow.summary()
-            self.shadow = None
-            self.lifecycle.scorer.drop(version)
+            shadow, self.shadow = self.shadow, None
+            shadow.stop()
+            self.lifecycle.scorer.drop(version)  # also wakes the shadow thread if it waits for that worker
+            shadow.join()
+            answer["shadow"] = shadow.summary()
             self.metrics.model_loads.labels(outcome="unloaded").inc()
             log.info("shadow of version %s ended", version)
             return {**answer, "changed": True}

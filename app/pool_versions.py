@@ -155,22 +155,21 @@ class VersionedWorkers:
             self._versions.pop(old, None)  # from now on, a failed worker of ``old`` is not replaced
             olds = [w for w in self._workers.values() if w.version == old]
             normal = sum(1 for w in self._workers.values() if w.version == new and not w.shadow)
-        loaders = []
+        loaders: dict[int, threading.Thread] = {}  # slot → the thread starting a new worker in it
         for worker in olds:
             self._stop(worker, timeout_s)
             if normal < self.count and new is not None:
                 normal += 1
-                loader = threading.Thread(target=self._restart, args=(worker.index, self.config, new),
-                                          name=f"load-worker-{worker.index}", daemon=True)
-                loader.start()
-                loaders.append(loader)
+                loaders[worker.index] = threading.Thread(target=self._restart, args=(worker.index, self.config, new),
+                                                         name=f"load-worker-{worker.index}", daemon=True)
+                loaders[worker.index].start()
         self._forget(old)
-        for loader in loaders:  # a replacement that cannot start keeps retrying in the background
+        for loader in loaders.values():  # a replacement that cannot start keeps retrying in the background
             loader.join(START_TIMEOUT_S)
         for worker in [w for w in list(self._workers.values()) if w.version == new and w.shadow]:
             if normal >= self.count:
                 self._stop(worker, timeout_s)
-        self._renumber()
+        self._renumber(busy={index for index, loader in loaders.items() if loader.is_alive()})
 
     def drop(self, version: str, timeout_s: float = 60.0) -> None:
         """Stop every worker of ``version`` (a shadow that ends), each once it is free."""
@@ -223,11 +222,12 @@ class VersionedWorkers:
             worker.kill()
         log.info("model worker %d (version %s, pid %d) stopped", worker.index, worker.version, worker.pid)
 
-    def _renumber(self) -> None:
-        """Give the served version's extra workers the free indices below ``count``, so that the
-        per-worker metrics (labelled 0 … count-1) keep showing every worker."""
+    def _renumber(self, busy: set[int]) -> None:
+        """Give the served version's extra workers the free indices below ``count`` (not those a
+        worker is still starting in: ``busy``), so that the per-worker metrics (labelled 0 … count-1)
+        keep showing every worker."""
         with self._lock:
-            free = [i for i in range(self.count) if i not in self._workers]
+            free = [i for i in range(self.count) if i not in self._workers and i not in busy]
             for worker in [w for w in self._workers.values() if w.index >= self.count and not w.shadow]:
                 if not free:
                     break

@@ -94,11 +94,14 @@ class Shadow:
                 self._metrics.shadow_agreements.inc()
             self._metrics.shadow_delta.observe(delta)
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop comparing (what is queued is dropped); returns once the thread is done with its batch."""
+    def stop(self) -> None:
+        """Stop comparing: what is queued is dropped, the batch being scored is still counted (:meth:`join`)."""
         self._stopping.set()
-        self._thread.join(timeout_s)
         self._metrics.shadow_fraction.set(0)
+
+    def join(self, timeout_s: float = 30.0) -> None:
+        """Wait until the thread has finished its last batch (after :meth:`stop`)."""
+        self._thread.join(timeout_s)
 
     def summary(self) -> dict[str, Any]:
         """Version, fraction, and what was measured since the shadow started."""

@@ -175,7 +175,8 @@ class WorkerPool(VersionedWorkers):
         """The batch scored by a free worker of ``version``, or why that worker failed (it is then replaced)."""
         worker = self._take_worker(version)
         cost = self._cost(requests)
-        deadline = self._deadline_s(cost)
+        # A shadow worker runs niced, at a fraction of a busy core: only the cap says it is stuck.
+        deadline = self.deadline_cap_s if worker.shadow else self._deadline_s(cost)
         started = time.perf_counter()
         try:
             worker.conn.send(requests)
@@ -294,6 +295,8 @@ class WorkerPool(VersionedWorkers):
             if not self.wanted(version) or idle is None:  # closing, or the version was retired meanwhile
                 worker.conn.send(None)
                 return
+            if index in self._workers:  # its slot was given to another worker meanwhile (after a swap)
+                index = worker.index = next(self._next_index)
             self._workers[index] = worker
         idle.put(worker)
         log.info("model worker %d (version %s) started (pid %s)", index, version, worker.pid)

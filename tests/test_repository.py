@@ -83,6 +83,7 @@ def test_a_shadow_counts_agreement_and_drops_what_it_cannot_keep_up_with(tiny_ar
     while shadow.summary()["texts"] < len(TEXTS) and time.monotonic() < deadline:
         time.sleep(0.02)
     shadow.stop()
+    shadow.join()
     measured = shadow.summary()
     assert measured["texts"] == measured["agreements"] == len(TEXTS) and measured["mean_abs_delta"] == 0
 
@@ -97,6 +98,7 @@ def test_a_shadow_counts_agreement_and_drops_what_it_cannot_keep_up_with(tiny_ar
     slow.offer(many, [Score(0.9, 3, False, 3)] * len(many))  # returns at once: nothing waits for the candidate
     release.set()
     slow.stop()
+    slow.join()
     assert slow.summary()["dropped"] >= 100 - 32  # at most one batch was taken out of the queue meanwhile
 
 
