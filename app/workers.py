@@ -76,9 +76,10 @@ class WorkerPool(VersionedWorkers):
     # ---- the Scorer protocol ------------------------------------------------------------------
     @property
     def ready(self) -> int:
-        """Workers loaded, warm and serving (a shadow worker serves nobody; during a swap the old and
-        new versions' workers together are at most ``count``)."""
-        return min(self.count, sum(1 for w in list(self._workers.values()) if not w.shadow))
+        """Workers loaded, warm and serving (a shadow worker only once its version serves; during a swap
+        the old and new versions' workers together count at most ``count``)."""
+        served = self.model.version if self.model is not None else None
+        return min(self.count, sum(1 for w in list(self._workers.values()) if not w.shadow or w.version == served))
 
     def unready_detail(self) -> str | None:
         if self.ready or self._closed:
