@@ -40,7 +40,7 @@ TEXTS = ["good", "a great film", "the movie was awful !", "bad bad bad , the fil
 
 
 def summary(version: str) -> ModelSummary:
-    return ModelSummary(version, "cpu", "fp32", {}, 14, 32, 32)
+    return ModelSummary(version, "cpu", "fp32", {}, 14, 400, 400)
 
 
 # ---- the invariant: one request, one version ----------------------------------------------------
