@@ -138,6 +138,9 @@ class WorkerPool(VersionedWorkers):
         return merged
 
     def _score_version(self, version: str, requests: list[ScoreRequest], retry: bool) -> ScoredBatch:
+        if version not in self._idle and not self._closed:  # outlived its version (freed after the request timeout)
+            lost = WorkerDiedError(f"model version {version!r} is no longer loaded")
+            return ScoredBatch([lost] * len(requests), errors=list(range(len(requests))))
         results: list = [None] * len(requests)
         todo = [i for i, r in enumerate(requests) if not self._poison.refuses(r.text)]
         for i in set(range(len(requests))) - set(todo):

@@ -9,7 +9,9 @@ is pinned to one version, explanation chunks included, and an engine refuses any
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -23,8 +25,9 @@ from app.metrics import ServiceMetrics
 from app.model_control import VersionPins
 from app.process import ServiceProcess
 from app.repository import ModelRepository
-from app.scorer import ModelSummary
+from app.scorer import BatchLostError, CandidateError, ModelSummary
 from app.shadow import SHADOW_QUEUE, Shadow
+from app.workers import WorkerConfig, WorkerPool
 from sentiment.engine import (
     Score,
     ScoredBatch,
@@ -102,6 +105,29 @@ def test_a_shadow_counts_agreement_and_drops_what_it_cannot_keep_up_with(tiny_ar
     assert slow.summary()["dropped"] >= 100 - 32  # at most one batch was taken out of the queue meanwhile
 
 
+def test_the_pool_routes_each_item_to_a_worker_of_its_version_and_frees_the_old_one(tiny_artifacts: Path,
+                                                                                      tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        shutil.copytree(tiny_artifacts, tmp_path / name)
+    pool = WorkerPool(WorkerConfig(str(tmp_path / "a"), "cpu", "fp32", None, None, 16_384, True, version="a"), 1)
+    assert pool.start().version == "a"
+    try:
+        with pytest.raises(CandidateError, match="ArtifactError"):
+            pool.add_version(str(tmp_path / "nowhere"), "c")
+        assert pool.add_version(str(tmp_path / "b"), "b").version == "b"
+        assert pool.versions() == {"a": 1, "b": 1}
+        assert pool.promote("b").version == "b"
+        mixed = pool.score([ScoreRequest("good film", version="a"), ScoreRequest("good film", version="b"),
+                            ScoreRequest("good film")])  # by b, the first would be refused
+        assert mixed.errors == [] and len({r.probability for r in mixed.results}) == 1
+        pool.retire("a")
+        assert pool.versions() == {"b": 1} and len(pool.pids()) == 1 and pool.ready == 1
+        late = pool.score([ScoreRequest("good film", version="a")])  # a request that outlived its version
+        assert isinstance(late.results[0], BatchLostError)
+    finally:
+        pool.close()
+
+
 # ---- names, never paths -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -164,7 +190,11 @@ def predict(client: httpx.Client, base: str, kind: int) -> tuple[int, str | None
 @pytest.fixture(scope="module")
 def server(repository: Path):
     env = {"SENTIMENT_WORKERS": "2", "SENTIMENT_MODEL_REPOSITORY": str(repository),
-           "SENTIMENT_ADMIN_KEY": ADMIN, "SENTIMENT_API_KEY": PREDICT}
+           "SENTIMENT_ADMIN_KEY": ADMIN, "SENTIMENT_API_KEY": PREDICT,
+           # Long batch deadlines: one test freezes workers for the seconds a candidate takes to load;
+           # small batches: requests then wait in the queue rather than all inside the frozen batches.
+           "SENTIMENT_BATCH_DEADLINE_FLOOR_S": "60", "SENTIMENT_BATCH_DEADLINE_CAP_S": "60",
+           "SENTIMENT_MAX_BATCH_SIZE": "4"}
     with ServiceProcess(repository / "a", env) as process:
         yield process
 
@@ -201,11 +231,23 @@ def test_loading_b_while_a_serves_fails_no_request(server: ServiceProcess) -> No
                 status, version = predict(http, base, i % 3)
                 answers.append((time.monotonic(), status, version))
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    with concurrent.futures.ThreadPoolExecutor(17) as pool:
         clients = [pool.submit(client, i) for i in range(16)]
         while len(answers) < 32:
             time.sleep(0.01)
-        swapped = load(base, "b")
+        # Freeze a's workers, so that requests admitted for a are certainly still queued when b takes
+        # over: they must be scored by a all the same (by b, they would fail).
+        frozen = worker_pids(server.pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        loading = pool.submit(load, base, "b")
+        deadline = time.monotonic() + 60
+        while httpx.get(base + "/v1/model").json()["version"] != "b" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        flipped = time.monotonic()
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        swapped = loading.result()
         done = time.monotonic()
         while sum(1 for t, _, _ in answers if t > done + 0.5) < 32:
             time.sleep(0.01)
@@ -217,6 +259,7 @@ def test_loading_b_while_a_serves_fails_no_request(server: ServiceProcess) -> No
     failed = [(status, version) for _, status, version in answers if status != 200]
     assert not failed, failed[:3]
     assert {version for _, _, version in answers} == {"a", "b"}
+    assert any(version == "a" for t, _, version in answers if t > flipped)  # a's requests outlived the switch
     assert {version for t, _, version in answers if t > done + 0.5} == {"b"}  # a is gone
     assert httpx.get(base + "/v1/model").json()["version"] == "b"
     assert len(worker_pids(server.pid)) == 2  # a freed, b at full strength
