@@ -176,6 +176,31 @@ def states(base: str) -> dict[str, str]:
     return {e["version"]: e["state"] for e in admin(base, "/v2/repository/index").json()}
 
 
+class ProcessCount:
+    """The most model-worker processes a server ran while this context was open (sampled)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid, self.most = server_pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.most = max(self.most, len(worker_pids(self.server_pid)))
+            except (FileNotFoundError, ProcessLookupError):  # a process ended while it was read
+                pass
+            time.sleep(0.005)
+
+    def __enter__(self) -> ProcessCount:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def predict(client: httpx.Client, base: str, kind: int) -> tuple[int, str | None]:
     """One request of three kinds (plain v1, explained v1, v2 infer): its status and the version named."""
     if kind == 2:
@@ -240,14 +265,15 @@ def test_loading_b_while_a_serves_fails_no_request(server: ServiceProcess) -> No
         frozen = worker_pids(server.pid)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
-        loading = pool.submit(load, base, "b")
-        deadline = time.monotonic() + 60
-        while httpx.get(base + "/v1/model").json()["version"] != "b" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        flipped = time.monotonic()
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
-        swapped = loading.result()
+        with ProcessCount(server.pid) as processes:
+            loading = pool.submit(load, base, "b")
+            deadline = time.monotonic() + 60
+            while httpx.get(base + "/v1/model").json()["version"] != "b" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            flipped = time.monotonic()
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            swapped = loading.result()
         done = time.monotonic()
         while sum(1 for t, _, _ in answers if t > done + 0.5) < 32:
             time.sleep(0.01)
@@ -263,6 +289,7 @@ def test_loading_b_while_a_serves_fails_no_request(server: ServiceProcess) -> No
     assert {version for t, _, version in answers if t > done + 0.5} == {"b"}  # a is gone
     assert httpx.get(base + "/v1/model").json()["version"] == "b"
     assert len(worker_pids(server.pid)) == 2  # a freed, b at full strength
+    assert processes.most == 3  # never more than one worker over the pool's count (the memory bound)
     assert states(base)["b"] == "serving" and states(base)["a"] == "available"
 
 
@@ -309,7 +336,9 @@ def test_a_shadow_of_a_beside_b_agrees_fully_and_unload_ends_it(server: ServiceP
 def test_a_plain_load_of_the_shadowed_version_promotes_it(server: ServiceProcess) -> None:
     base = server.base_url
     assert load(base, "a", mode="shadow", shadow_fraction=0.5).status_code == 200
-    promoted = load(base, "a")
+    with ProcessCount(server.pid) as processes:
+        promoted = load(base, "a")
+    assert processes.most == 3  # the shadow worker was the one extra; each new worker took an old one's place
     assert promoted.status_code == 200 and promoted.json()["previous"] == "b", promoted.text
     assert httpx.get(base + "/v1/model").json()["version"] == "a"
     assert states(base)["a"] == "serving" and states(base)["b"] == "available"
