@@ -187,8 +187,11 @@ class ModelControl:
         """End the shadow of ``version`` (default: the shadow); the served version cannot be unloaded."""
         with self._exclusive():
             serving = self.lifecycle.model
+            if version is None and self.shadow is None:
+                raise ApiError(Errors.REPOSITORY_CONFLICT, detail="nothing to unload: no shadow runs, and the served "
+                               "version cannot be unloaded (load another version to replace it)")
             if version is None:
-                version = self.shadow.version if self.shadow is not None else serving.version if serving else ""
+                version = self.shadow.version
             elif not VERSION_NAME.fullmatch(version):
                 self.repository.resolve(version)  # the 400 that says what a version name is
             answer: dict[str, Any] = {"name": self.settings.model_name, "version": version, "state": "available"}
