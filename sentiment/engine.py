@@ -285,10 +285,9 @@ class SentimentEngine:
         """Cache the vocabulary's words in the tokenizer, then score a short and a long text twice,
         with traces, so the first callers are not slow."""
         started = time.perf_counter()
-        # spaCy tokenises a word by its rules unless the word is in its lasting cache, which
-        # otherwise fills only as traffic repeats words. The vocabulary holds the words most texts
-        # are made of: caching them now (~0.4 s) took IMDB reviews from 2.0 to 1.3 ms each to
-        # tokenise from the first request (measured). Same tokens either way.
+        # The tokenizer memoises words' tokens as traffic brings them; the vocabulary holds the
+        # words most texts are made of, so memoising them now (~0.4 s) makes the first requests
+        # as fast to tokenise as later ones. Same tokens either way.
         self.encoder.tokenizer.cache_words(self.artifacts.vocab.itos[2:])
         samples = ["A fine film.", "An awful, boring movie that I would not recommend to anyone. " * 20]
         for _ in range(2):

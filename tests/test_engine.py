@@ -103,9 +103,9 @@ def test_warm_up_caches_the_vocabulary_words_and_changes_no_token(tiny_artifacts
 
     engine = SentimentEngine.load(tiny_artifacts, "cpu")
     words = engine.artifacts.vocab.itos[2:]
-    assert not set(words) & engine.encoder.tokenizer.cached_words
+    assert not set(words) & set(engine.encoder.tokenizer.cached_words)
     engine.warm_up()
-    assert set(words) <= engine.encoder.tokenizer.cached_words
+    assert set(words) <= set(engine.encoder.tokenizer.cached_words)
     texts = [" ".join(words[i:i + 7]) + "!" for i in range(0, len(words), 7)]
-    plain = Tokenizer(engine.artifacts.vocab.settings, keep_frequent_words=False)
-    assert engine.encoder.tokenizer.tokenize_many(texts) == plain.tokenize_many(texts)
+    plain = Tokenizer(engine.artifacts.vocab.settings, keep_recent_words=False)
+    assert engine.encoder.tokenizer.tokenize_many(texts) == [plain.tokenize_whole(t) for t in texts]
