@@ -7,7 +7,6 @@ No asyncio and no HTTP here: the service's batcher calls ``score`` from its mode
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ import torch
 
 from sentiment.artifacts import Artifacts, cpu_has_bf16, load_artifacts
 from sentiment.batching import length_buckets
-from sentiment.model import ModelConfig, SentimentLSTM, gate_trace, pad_batch
+from sentiment.model import ExactMixedPrecision, ModelConfig, SentimentLSTM, gate_trace, pad_batch
 from sentiment.text import EncodedText, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -152,23 +151,19 @@ class SentimentEngine:
         if precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
             raise ValueError("bf16 precision needs a CPU with AVX-512 BF16 or AMX (oneDNN's bf16 LSTM); "
                              "this one has neither: use fp32 or int8")
-        if precision != "int8":
+        if precision == "fp32":
             return self.artifacts.model
-        if self.device.type != "cpu":
+        if precision == "int8" and self.device.type != "cpu":
             raise ValueError("int8 precision runs on CPU only; use fp32 or bf16 on CUDA")
         config = ModelConfig(**self.artifacts.card["architecture"]["config"])
         eager = SentimentLSTM(config)
-        eager.load_state_dict({k: v.float().cpu() for k, v in self._weights.items()})
-        eager.eval()
+        eager.load_state_dict({k: v.float() for k, v in self._weights.items()})
+        eager.to(self.device).eval()
+        if precision == "bf16":
+            return ExactMixedPrecision(eager, torch.bfloat16)
         with warnings.catch_warnings():  # torch.ao's notice that this API moves to torchao
             warnings.simplefilter("ignore")
             return torch.ao.quantization.quantize_dynamic(eager, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
-
-    def _arithmetic(self) -> Any:
-        """bf16: autocast around the pass (matrix products in bfloat16, fp32 elsewhere)."""
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", **kwargs: Any) -> "SentimentEngine":
@@ -266,8 +261,7 @@ class SentimentEngine:
                                 max_length_ratio=PASS_LENGTH_RATIO, min_rows=MIN_PASS_ROWS)
         for chunk in passes:
             ids, lens = pad_batch([rows[i] for i in chunk])  # (B, T), (B,)
-            with self._arithmetic():
-                chunk_last, chunk_steps = self.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
+            chunk_last, chunk_steps = self.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
             self.forward_passes += 1
             steps_cpu = chunk_steps.float().cpu() if any(wants_steps[i] for i in chunk) else None  # (B, T)
             for row, (i, p) in enumerate(zip(chunk, chunk_last.float().cpu().tolist())):
