@@ -23,6 +23,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of_weights(cls, state: dict[str, Tensor]) -> "ModelConfig":
+        """The shapes a :class:`SentimentLSTM` state dict was made with (dropout, which has no
+        weights, at its default; it is off at inference anyway)."""
+        vocab_size, embedding_dim = state["embedding.weight"].shape
+        layers = sum(1 for k in state if k.startswith("lstm.weight_ih_l"))
+        return cls(int(vocab_size), int(embedding_dim), int(state["lstm.weight_hh_l0"].shape[1]), layers)
+
 
 class SentimentLSTM(nn.Module):
     """A unidirectional LSTM whose sigmoid output after each token is the running sentiment.

@@ -72,7 +72,7 @@ def test_cheaper_precisions_stay_close_to_fp32(tiny_artifacts, precision: str, b
     if precision == "bf16" and not cpu_has_bf16():
         pytest.skip("this CPU has no AVX-512 BF16 or AMX (see test_bf16_is_refused_without_bf16_instructions)")
     texts = ["good", "the movie was awful !", "a great film , the film was good . " * 4]
-    exact = SentimentEngine.load(tiny_artifacts, "cpu").score([ScoreRequest(t, trace=True) for t in texts]).results
+    exact = SentimentEngine.load(tiny_artifacts, "cpu", precision="fp32").score([ScoreRequest(t, trace=True) for t in texts]).results
     cheap_engine = SentimentEngine.load(tiny_artifacts, "cpu", precision=precision)
     assert cheap_engine.precision == precision
     cheap = cheap_engine.score([ScoreRequest(t, trace=True) for t in texts]).results
@@ -116,7 +116,7 @@ def test_bf16_is_batch_invariant_bit_for_bit(tiny_artifacts, threads: int) -> No
 
 
 def test_unknown_precision_is_refused(tiny_artifacts) -> None:
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
+    with pytest.raises(ValueError, match="precision must be auto or one of fp32, bf16, int8"):
         SentimentEngine.load(tiny_artifacts, "cpu", precision="fp8")
 
 
