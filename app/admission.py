@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 from app.errors import ApiError, ErrorKind, Errors
@@ -48,27 +49,40 @@ def text_problems(problems: list[TextProblem]) -> ApiError:
     return ApiError(problems[0][0], details, count=len(problems), summary=summary)
 
 
+@lru_cache(maxsize=8)
+def _long_word(max_word_chars: int) -> re.Pattern[str]:
+    # Anchored at the start of a run (no \S before it): each run is scanned once, so the search is
+    # linear in the text; unanchored, it restarts inside every run, ~max_word_chars steps a character.
+    return re.compile(r"(?<!\S)\S{%d,}" % (max_word_chars + 1))
+
+
+def text_problem(text: str, settings: Settings) -> tuple[ErrorKind, str] | None:
+    """What is wrong with one text under the per-text limits (length, emptiness, Unicode, word
+    length), or None. The service's requests and bulk scoring (:mod:`app.bulk`) apply the same checks."""
+    s = settings
+    if len(text) > s.max_text_chars:
+        return Errors.TEXT_TOO_LONG, f"text has {len(text)} characters; the limit is {s.max_text_chars}"
+    if not text.strip():
+        return Errors.EMPTY_TEXT, "text is empty or whitespace"
+    if (bad := LONE_SURROGATE.search(text)) is not None:
+        return Errors.INVALID_UNICODE, (f"lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}: not "
+                                        "valid Unicode (escape astral characters as a \\uD8xx\\uDCxx pair)")
+    if (word := _long_word(s.max_word_chars).search(text)) is not None:
+        return Errors.WORD_TOO_LONG, (f"{len(word.group())} characters without whitespace at character "
+                                      f"{word.start()}; the limit is {s.max_word_chars}")
+    return None
+
+
 def validate_texts(texts: Sequence[str], settings: Settings, explain: bool = False) -> None:
     """Per-request limits from settings; each problem names the text it is about."""
     s = settings
     if len(texts) > s.max_texts:
         raise ApiError(Errors.TOO_MANY_TEXTS, [{"loc": ["body", "texts"], "msg": f"at most {s.max_texts} texts per request"}],
                        count=len(texts), limit=s.max_texts)
-    # Anchored at the start of a run (no \S before it): each run is scanned once, so the search is
-    # linear in the text; unanchored, it restarts inside every run, ~max_word_chars steps a character.
-    long_word = re.compile(r"(?<!\S)\S{%d,}" % (s.max_word_chars + 1))
     problems: list[TextProblem] = []
     for i, text in enumerate(texts):
-        if len(text) > s.max_text_chars:
-            problems.append((Errors.TEXT_TOO_LONG, i, f"text has {len(text)} characters; the limit is {s.max_text_chars}"))
-        elif not text.strip():
-            problems.append((Errors.EMPTY_TEXT, i, "text is empty or whitespace"))
-        elif (bad := LONE_SURROGATE.search(text)) is not None:
-            problems.append((Errors.INVALID_UNICODE, i, f"lone surrogate U+{ord(bad.group()):04X} at character "
-                             f"{bad.start()}: not valid Unicode (escape astral characters as a \\uD8xx\\uDCxx pair)"))
-        elif (word := long_word.search(text)) is not None:
-            problems.append((Errors.WORD_TOO_LONG, i, f"{len(word.group())} characters without whitespace at character "
-                             f"{word.start()}; the limit is {s.max_word_chars}"))
+        if (found := text_problem(text, s)) is not None:
+            problems.append((found[0], i, found[1]))
     if problems:
         raise text_problems(problems)
     if explain and len(texts) > s.max_explain_texts:

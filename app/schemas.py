@@ -129,7 +129,7 @@ class PredictResponse(BaseModel):
 class ModelInfo(BaseModel):
     version: str
     device: str
-    precision: str = Field(..., description="forward-pass arithmetic: fp32 (exact, batch-invariant), bf16 or int8")
+    precision: str = Field(..., description="forward-pass arithmetic in force: fp32 or bf16 (both batch-invariant), or int8")
     workers: int = Field(..., description="model-worker processes scoring batches (0: in the server process)")
     architecture: dict[str, Any]
     vocab_size: int

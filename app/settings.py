@@ -31,9 +31,10 @@ class Settings(BaseSettings):
     workers: int | None = Field(None, ge=0, description=(
         "model-worker processes, each scoring whole batches on one core; default: one per usable core "
         "(CPU affinity, capped by the cgroup CPU quota) on CPU, 0 on CUDA; 0 scores in the server process"))
-    precision: Literal["fp32", "bf16", "int8"] = Field("fp32", description=(
-        "forward-pass arithmetic: fp32 (exact, batch-invariant), bf16 (autocast) or int8 (dynamic "
-        "quantisation, CPU only); faster but not batch-invariant (docs/performance.md, \"Precision\")"))
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field("auto", description=(
+        "forward-pass arithmetic: auto (bf16 on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere), fp32, bf16 "
+        "(the LSTM in bfloat16, the head in float64: batch-invariant, same test accuracy) or int8 (dynamic "
+        "quantisation, CPU only, not batch-invariant); docs/performance.md, \"Precision\""))
     warmup: bool = Field(True, description="run warm-up passes before reporting ready")
     # Batching
     max_batch_size: int = Field(64, ge=1, description="most texts in one batch (1 turns batching off)")

@@ -1,0 +1,163 @@
+"""Benchmark ``sentiment score`` against the all-core offline ceiling, measured in the same run.
+
+    python -m benchmarks.bulk --data ../shared/data/aclImdb_v1.tar.gz
+
+In one run: writes the 25,000 IMDB test reviews to a JSONL file (id: the review's key); measures the
+**offline ceiling** (``benchmarks.run.offline_ceiling``: the engine on every core, one process per
+core at one torch thread, large batches, nothing else) on a sample of them; runs the command on all
+of them in its own process, as a user runs it, sampling the resident memory of the command and its
+model workers twice a second; then measures the ceiling again, so that a machine that got busier or
+quieter during the run shows as two different ceilings. The command's rate is the one it reports:
+rows read, checked, scored and written per second from the model being ready to the last row
+committed (the ceiling also excludes loading); its start-up is reported apart. Writes
+``benchmarks/results/bulk.json`` and checks issue 27's targets: ≥ 0.9 of the ceiling, flat memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from app.resources import resident_bytes, usable_cpus
+from benchmarks.run import load_reviews, offline_ceiling
+from sentiment.artifacts import cpu_model
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_S = 0.5
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of a process (the command's model workers), from /proc."""
+    found: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return found
+
+
+class MemorySampler(threading.Thread):
+    """Resident memory of a process and of its children, every ``SAMPLE_S`` seconds, until it exits."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.process, self.samples = process, []  # (seconds since start, command MB, workers MB)
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        while self.process.poll() is None:
+            main = resident_bytes(self.process.pid)
+            workers = sum(resident_bytes(c) for c in children(self.process.pid))
+            self.samples.append((round(time.perf_counter() - started, 2), main / 2**20, workers / 2**20))
+            time.sleep(SAMPLE_S)
+
+
+def memory_summary(samples: list[tuple[float, float, float]], scoring_from_s: float) -> dict[str, Any]:
+    """Memory while scoring (from ``scoring_from_s`` after the command started): at its start, middle
+    and end, and the peak; flat means the end is within 5 % of the middle (caches warm by then), as
+    in the service's memory soak."""
+    scoring = [s for s in samples if s[0] >= scoring_from_s] or samples
+    total = [m + w for _, m, w in scoring]
+    mid = total[len(total) // 2]
+    return {"samples": len(samples), "every_s": SAMPLE_S,
+            "command_mb": {"start": scoring[0][1], "mid": scoring[len(scoring) // 2][1], "end": scoring[-1][1],
+                           "max": max(m for _, m, _ in scoring)},
+            "total_mb": {"start": total[0], "mid": mid, "end": total[-1], "max": max(total)},
+            "end_over_mid": total[-1] / mid,
+            "series": [(t, round(m + w, 1)) for t, m, w in samples[:: max(1, len(samples) // 200)]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "aclImdb_v1.tar.gz"))
+    p.add_argument("--artifacts", default=str(REPO / "model_artifacts"))
+    p.add_argument("--reviews", type=int, default=25_000, help="test reviews the command scores")
+    p.add_argument("--ceiling-reviews", type=int, default=3000, help="reviews each ceiling process scores")
+    p.add_argument("--device", default="cpu", help="the command's --device (cuda: the ceiling uses one process)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bulk.json"))
+    args = p.parse_args(argv)
+
+    from sentiment.imdb import read_imdb
+
+    reviews = read_imdb(args.data, ("test",))["test"][: args.reviews]
+    sample = load_reviews(args.data, args.ceiling_reviews, seed=0)
+    processes = 1 if args.device.startswith("cuda") else usable_cpus()
+    ceiling_device = "cuda" if args.device.startswith("cuda") else "cpu"
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "processor": cpu_model(),
+                    "python": platform.python_version(), "device": args.device},
+        "command": "python -m benchmarks.bulk " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reviews": len(reviews),
+    }
+    with tempfile.TemporaryDirectory(prefix="bulk-bench") as tmp:
+        source, output, summary_path = Path(tmp) / "reviews.jsonl", Path(tmp) / "scored.jsonl", Path(tmp) / "s.json"
+        source.write_text("".join(json.dumps({"id": r.key, "text": r.text}) + "\n" for r in reviews))
+        print(f"offline ceiling (before): {len(sample)} reviews × {processes} processes …", flush=True)
+        before = offline_ceiling(Path(args.artifacts), sample, 256, processes, device=ceiling_device)
+        print(f"  {before['reviews_per_s']:.1f} reviews/s", flush=True)
+
+        print(f"sentiment score: {len(reviews)} reviews …", flush=True)
+        started = time.perf_counter()
+        command = [sys.executable, "-m", "app.cli", "score", str(source), "-o", str(output), "--quiet",
+                   "--summary-json", str(summary_path), "--artifacts", args.artifacts, "--device", args.device]
+        run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sampler = MemorySampler(run)
+        sampler.start()
+        out, err = run.communicate()
+        wall = time.perf_counter() - started
+        sampler.join()
+        if run.returncode != 0:
+            print(err, file=sys.stderr)
+            return 1
+        print(out, end="", flush=True)
+        summary = json.loads(summary_path.read_text())
+        scored = [json.loads(line) for line in output.read_text().splitlines()]
+        correct = sum((row["label"] == "positive") == ("/pos/" in row["id"]) for row in scored)
+
+        print("offline ceiling (after) …", flush=True)
+        after = offline_ceiling(Path(args.artifacts), sample, 256, processes, device=ceiling_device)
+        print(f"  {after['reviews_per_s']:.1f} reviews/s", flush=True)
+
+    ceiling = (before["reviews_per_s"] + after["reviews_per_s"]) / 2
+    memory = memory_summary(sampler.samples, wall - summary["scoring_seconds"])
+    results.update({
+        "offline_ceiling": {"before": before, "after": after, "mean_reviews_per_s": ceiling},
+        "bulk": {"rows": summary["rows"], "errors": summary["errors"], "workers": summary["workers"],
+                 "reviews_per_s": summary["rows_per_s"], "startup_s": summary["startup_seconds"],
+                 "scoring_s": summary["scoring_seconds"], "wall_s": wall,
+                 "wall_reviews_per_s": summary["rows"] / wall, "accuracy": correct / len(scored)},
+        "memory": memory,
+    })
+    ratio = summary["rows_per_s"] / ceiling
+    results["targets"] = [
+        {"target": "command / all-core offline ceiling (mean of before and after)", "value": round(ratio, 3),
+         "goal": ">= 0.9", "met": ratio >= 0.9},
+        {"target": "RSS, command + workers, end / middle of scoring", "value": round(memory["end_over_mid"], 3),
+         "goal": "<= 1.05", "met": memory["end_over_mid"] <= 1.05},
+    ]
+    print(f"\nceiling {before['reviews_per_s']:.1f} (before) / {after['reviews_per_s']:.1f} (after) reviews/s; "
+          f"command {summary['rows_per_s']:.1f} reviews/s scoring ({summary['rows'] / wall:.1f} over {wall:.0f}s "
+          f"wall, start-up {summary['startup_seconds']:.1f}s); accuracy {correct / len(scored):.4f}")
+    t = memory["total_mb"]
+    print(f"RSS command + workers (MB): start {t['start']:.0f}, middle {t['mid']:.0f}, end {t['end']:.0f}, "
+          f"max {t['max']:.0f}; the command alone: max {memory['command_mb']['max']:.0f}")
+    for target in results["targets"]:
+        print(f"{'PASS' if target['met'] else 'FAIL'}  {target['target']}: {target['value']} (goal {target['goal']})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
