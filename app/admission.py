@@ -96,15 +96,17 @@ def work_items(text: str, trace: bool, gates: bool, explain: bool, model: ModelS
 
     A text is one item. An explanation scores the text once more per token, so it is split into
     items of ``EXPLAIN_CHUNK_TOKENS`` positions each: the batcher can then serve other requests
-    between them, and a light request never waits behind a whole explanation.
+    between them, and a light request never waits behind a whole explanation. Every item is pinned
+    to ``model``'s version, so a request is scored by one version even while another takes over.
     """
     if not explain:
-        first = ScoreRequest(text, trace, gates)
+        first = ScoreRequest(text, trace, gates, version=model.version)
         return [(first, item_cost(first, model))]
     bound = min(len(text), model.max_explain_tokens)  # a token has at least one character
     items = []
     for start in range(0, bound, EXPLAIN_CHUNK_TOKENS):
-        request = ScoreRequest(text, trace and not start, gates and not start, True, (start, start + EXPLAIN_CHUNK_TOKENS))
+        request = ScoreRequest(text, trace and not start, gates and not start, True, (start, start + EXPLAIN_CHUNK_TOKENS),
+                               version=model.version)
         items.append((request, item_cost(request, model)))
     return items
 

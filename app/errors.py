@@ -36,7 +36,9 @@ class Errors:
 
     MALFORMED_JSON = ErrorKind(400, "malformed_json", "request body is not valid JSON: {reason}")
     INVALID_INFER_REQUEST = ErrorKind(400, "invalid_infer_request", "invalid inference request: {summary}")
+    INVALID_REPOSITORY_REQUEST = ErrorKind(400, "invalid_repository_request", "invalid repository request: {summary}")
     UNAUTHORIZED = ErrorKind(401, "unauthorized", "{detail}")
+    FORBIDDEN = ErrorKind(403, "forbidden", "{detail}")
     NOT_FOUND = ErrorKind(404, "not_found", "{detail}")
     MODEL_NOT_FOUND = ErrorKind(404, "model_not_found", "{detail}")
     METHOD_NOT_ALLOWED = ErrorKind(405, "method_not_allowed", "{detail}")
@@ -47,11 +49,14 @@ class Errors:
     TOO_MANY_EXPLAINED = ErrorKind(413, "too_many_explained_texts",
                                    "{count} texts to explain in one request; the limit is {limit}")
     EXPLAIN_TOO_LONG = ErrorKind(413, "explain_too_long", "{count} text(s) too long to explain: {summary}")
+    REPOSITORY_CONFLICT = ErrorKind(409, "repository_conflict", "{detail}")
     UNSUPPORTED_MEDIA_TYPE = ErrorKind(
         415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
     INVALID_REQUEST = ErrorKind(422, "invalid_request", "invalid request: {summary}")
     EMPTY_TEXT = ErrorKind(422, "empty_text", "{count} invalid text(s): {summary}")
     INVALID_UNICODE = ErrorKind(422, "invalid_unicode", "{count} invalid text(s): {summary}")
+    INVALID_MODEL_VERSION = ErrorKind(422, "invalid_model_version",
+                                      "model version {version!r} cannot be served, nothing was changed: {reason}")
     TEXT_CRASHED_WORKER = ErrorKind(422, "text_crashed_worker", "{count} text(s) cannot be scored: {summary}")
     CLIENT_DISCONNECTED = ErrorKind(499, "client_disconnected", "client closed the connection before the answer")
     INTERNAL_ERROR = ErrorKind(500, "internal_error", "internal error; see the service log")

@@ -77,12 +77,18 @@ class Lifecycle:
         self.batcher.start()
         assert self.batcher.task is not None
         self.batcher.task.add_done_callback(self._on_batcher_exit)
+        self.serve(model)
+        if self.state is State.LOADING:
+            self.state, self.detail = State.READY, None
+
+    def serve(self, model: ModelSummary) -> None:
+        """``model`` is the one served from now on (at start, and when a model swap promotes another
+        version: :class:`app.model_control.ModelControl` calls this under its version pins' lock)."""
+        self.model = model
         test_accuracy = model.card.get("metrics", {}).get("test", {}).get("accuracy", "")
         self.metrics.model_info.info({"version": model.version, "device": model.device, "precision": model.precision,
                                       "workers": str(model.workers), "vocab_size": str(model.vocab_size),
                                       "test_accuracy": str(test_accuracy)})
-        if self.state is State.LOADING:
-            self.state, self.detail = State.READY, None
 
     def _fail(self, detail: str) -> None:
         """Serving is impossible (load failed, the batcher died, a worker cannot be replaced):

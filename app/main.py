@@ -19,6 +19,7 @@ from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.middleware import BodyLimit, RequestContext, RequestTimer, SecurityHeaders, outermost
 from app.oip import router as oip_router
+from app.oip_repository import router as repository_router
 from app.routes import document_setting_limits, router
 from app.service import SentimentService
 from app.settings import Settings, get_settings
@@ -65,12 +66,20 @@ def create_app(settings: Settings | None = None,
     document_setting_limits(app, settings)
     app.include_router(router)
     app.include_router(oip_router)
+    prediction_keys = load_keys(settings.api_key.get_secret_value() if settings.api_key is not None else None,
+                                settings.api_keys_file)
+    admin_keys = load_keys(settings.admin_key.get_secret_value() if settings.admin_key is not None else None,
+                           settings.admin_keys_file, ("SENTIMENT_ADMIN_KEY", "SENTIMENT_ADMIN_KEYS_FILE"))
+    if set(admin_keys) & set(prediction_keys):
+        raise ValueError("an admin key is also a prediction key: prediction keys must never open the model repository")
+    app.state.prediction_digests, app.state.admin_digests = prediction_keys, admin_keys
+    if admin_keys:  # the model-repository endpoints exist only with an admin key
+        app.include_router(repository_router)
     # Outermost last: the timer sees every response, including the body limit's 413.
     app.add_middleware(BodyLimit, limit=settings.body_limit, metrics=metrics,
                        in_flight_limit=settings.body_bytes_in_flight_limit)
     # Outside the body limit: a request without a valid API key is refused before its body is read.
-    app.add_middleware(ApiKeyGate, metrics=metrics, digests=load_keys(
-        settings.api_key.get_secret_value() if settings.api_key is not None else None, settings.api_keys_file))
+    app.add_middleware(ApiKeyGate, metrics=metrics, digests=prediction_keys)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestTimer, metrics=metrics)
     # Request id, access log and (with OTEL_EXPORTER_OTLP_*ENDPOINT set) the server span: outside

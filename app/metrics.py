@@ -14,6 +14,8 @@ from app.lanes import LANES
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
+DELTA_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+MODEL_LOAD_OUTCOMES = ("promoted", "shadow", "refused", "unloaded")
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -128,6 +130,31 @@ class ServiceMetrics:
         self.resident_memory = Gauge(
             "sentiment_resident_memory_bytes", "Resident memory of the server process and its model workers "
             "together: what the container's memory limit sees.", registry=r)
+        # Model repository: swaps and the shadow phase (docs/releasing.md).
+        self.model_loads = Counter(
+            "sentiment_model_loads", "Repository operations, by outcome: promoted (a version now serves), shadow (a "
+            "shadow started), refused (a candidate failed its checks), unloaded (a shadow ended).", ["outcome"],
+            registry=r)
+        for outcome in MODEL_LOAD_OUTCOMES:
+            self.model_loads.labels(outcome=outcome)
+        self.shadow_fraction = Gauge(
+            "sentiment_shadow_fraction", "Share of live texts the shadow candidate also scores (0: no shadow).", registry=r)
+        self.shadow_texts = Counter(
+            "sentiment_shadow_texts", "Live texts the shadow candidate scored beside the served version.", registry=r)
+        self.shadow_agreements = Counter(
+            "sentiment_shadow_agreements", "Shadowed texts where the candidate gave the served version's label.",
+            registry=r)
+        self.shadow_delta = Histogram(
+            "sentiment_shadow_probability_delta", "|P(positive) of the candidate - P(positive) served| per shadowed text.",
+            buckets=DELTA_BUCKETS, registry=r)
+        self.shadow_duration = Histogram(
+            "sentiment_shadow_batch_duration_seconds", "Time the shadow candidate took per batch of shadowed texts.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.shadow_dropped = Counter(
+            "sentiment_shadow_dropped", "Texts picked for the shadow but dropped because the candidate was behind "
+            "(shadow work is dropped first under load).", registry=r)
+        self.shadow_failed = Counter(
+            "sentiment_shadow_failed", "Shadowed texts the candidate could not score.", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds …; python_info.
         ProcessCollector(registry=r)

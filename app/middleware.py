@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 # a path matches (the Open Inference Protocol's /v2/models/<name>[/versions/<v>]/…, one label each
 # whatever the name or version), else the prefix below, else "other": the label set stays small.
 KNOWN_ROUTES = {"/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/", "/docs",
-                "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready"}
+                "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready", "/v2/repository/index"}
 TEMPLATE_ROUTES = (
+    (re.compile(r"/v2/repository/models/[^/]+/load"), "/v2/repository/models/{name}/load"),
+    (re.compile(r"/v2/repository/models/[^/]+/unload"), "/v2/repository/models/{name}/unload"),
     (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer"), "/v2/models/{name}/infer"),
     (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready"), "/v2/models/{name}/ready"),
     (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?"), "/v2/models/{name}"),

@@ -48,7 +48,11 @@ def serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        os.nice(WORKER_NICE)
+        config = conn.recv()
+    except (EOFError, OSError):
+        return
+    try:
+        os.nice(WORKER_NICE + config.extra_nice)
     except OSError:  # not permitted here: run at the front's priority
         pass
     import torch
@@ -60,12 +64,11 @@ def serve(conn: Connection) -> None:
     from sentiment.engine import SentimentEngine
 
     try:
-        config = conn.recv()
         configure_logging(config.log_format, config.log_level)
         started = time.perf_counter()
         engine = SentimentEngine.load(config.artifacts_dir, config.device, precision=config.precision,
                                       max_tokens=config.max_tokens, max_explain_tokens=config.max_explain_tokens,
-                                      max_batch_tokens=config.max_batch_tokens)
+                                      max_batch_tokens=config.max_batch_tokens, version=config.version)
         warm = engine.warm_up() if config.warmup else 0.0
         log.info("model worker (pid %d) loaded %s in %.2fs (warm-up %.2fs)", os.getpid(), engine.version,
                  time.perf_counter() - started, warm)

@@ -115,6 +115,7 @@ async def model_info(request: Request) -> ModelInfo:
                 "max_explain_tokens": model.max_explain_tokens},
         metrics=card.get("metrics", {}),
         training={k: card.get("training", {}).get(k) for k in ("train_seconds", "epochs_run", "best_epoch", "hardware")},
+        shadow=service.control.shadow.summary() if service.control.shadow is not None else None,
     )
 
 

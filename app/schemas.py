@@ -129,7 +129,7 @@ class PredictResponse(BaseModel):
 class ModelInfo(BaseModel):
     version: str
     device: str
-    precision: str = Field(..., description="forward-pass arithmetic: fp32 (exact, batch-invariant), bf16 or int8")
+    precision: str = Field(..., description="forward-pass arithmetic in force: fp32 or bf16 (both batch-invariant), or int8")
     workers: int = Field(..., description="model-worker processes scoring batches (0: in the server process)")
     architecture: dict[str, Any]
     vocab_size: int
@@ -138,6 +138,9 @@ class ModelInfo(BaseModel):
     limits: dict[str, int] = Field(..., description="request limits in force (texts per request, characters per text)")
     metrics: dict[str, Any] = Field(..., description="validation and test metrics from the model card")
     training: dict[str, Any] = Field(default_factory=dict, description="time, hardware and epochs from the model card")
+    shadow: dict[str, Any] | None = Field(None, description=(
+        "the candidate version being shadowed, if any: version, fraction, texts, agreements, agreement_rate, "
+        "mean_abs_delta, dropped, failed (docs/releasing.md)"))
 
 
 class ErrorDetail(BaseModel):

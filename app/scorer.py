@@ -13,8 +13,10 @@ The rest of the front (readiness, admission, the batcher, the routes) talks to o
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from app.metrics import ServiceMetrics
@@ -29,6 +31,11 @@ EngineFactory = Callable[[Settings], SentimentEngine]
 
 class BatchLostError(RuntimeError):
     """No answer could be had for this batch (the scorer is shutting down); its texts can be retried."""
+
+
+class CandidateError(RuntimeError):
+    """A model version failed its checks (files, checksums, vocabulary, TorchScript load, warm-up);
+    nothing has changed. The message says what failed."""
 
 
 class TextRejectedError(RuntimeError):
@@ -68,13 +75,37 @@ class ModelSummary:
 
 class Scorer(Protocol):
     """Scores batches for the front. ``score`` is blocking and may be called from up to ``slots``
-    threads at once; ``start`` loads (blocking) and returns what was loaded."""
+    threads at once; ``start`` loads (blocking) and returns what was loaded.
+
+    Each request is scored by the model version it is pinned to (``ScoreRequest.version``; the served
+    one when None). The version operations (blocking, called by :class:`app.model_control.ModelControl`
+    one at a time) load a version beside the served one, serve it, and free an old one."""
 
     slots: int
 
     def start(self) -> ModelSummary: ...
 
-    def score(self, requests: list[ScoreRequest]) -> ScoredBatch: ...
+    def score(self, requests: list[ScoreRequest], retry: bool = True) -> ScoredBatch: ...
+
+    def add_version(self, artifacts_dir: str, version: str, shadow: bool = False) -> ModelSummary:
+        """Load and warm up ``version`` beside what is served (raises :class:`CandidateError`)."""
+        ...
+
+    def promote(self, version: str) -> ModelSummary:
+        """Requests not pinned go to ``version`` from now on."""
+        ...
+
+    def retire(self, old: str) -> None:
+        """Free ``old`` (no request pinned to it is outstanding), bringing the served one to full capacity."""
+        ...
+
+    def drop(self, version: str) -> None:
+        """Free ``version`` (a shadow that ends)."""
+        ...
+
+    def versions(self) -> dict[str, int]:
+        """Each version loaded → its workers (engines)."""
+        ...
 
     def unready_detail(self) -> str | None:
         """Why it cannot score anything now (None: it can)."""
@@ -91,39 +122,95 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
-def load_engine(settings: Settings) -> SentimentEngine:
-    """The engine the settings describe (artifacts, device, limits, precision)."""
+def load_engine(settings: Settings, version: str | None = None) -> SentimentEngine:
+    """The engine the settings describe (artifacts, device, limits, precision), named ``version``
+    (default: its model-repository name when the artifacts are a version of the repository)."""
+    from app.repository import startup_version
+
     return SentimentEngine.load(settings.artifacts_dir, settings.device, max_tokens=settings.max_tokens,
                                 max_explain_tokens=settings.max_explain_tokens,
-                                max_batch_tokens=settings.max_batch_tokens, precision=settings.precision)
+                                max_batch_tokens=settings.max_batch_tokens, precision=settings.precision,
+                                version=version or startup_version(settings))
 
 
 class InProcessScorer:
-    """One engine in the front process; torch uses its own intra-op threads for each batch."""
+    """One engine in the front process; torch uses its own intra-op threads for each batch.
 
-    slots = 1  # the engine is not thread-safe: one batch at a time
+    Model versions: a candidate is a second engine beside the first (two models in memory while it
+    loads, is shadowed or takes over; the old one is freed once no request pinned to it is left)."""
+
+    slots = 1  # an engine is not thread-safe: one batch at a time (a shadow engine has its own lock)
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self._factory = engine_factory or load_engine
-        self.engine: SentimentEngine | None = None
+        self.engine: SentimentEngine | None = None  # the served one
+        self._engines: dict[str, tuple[SentimentEngine, threading.Lock]] = {}
 
     def start(self) -> ModelSummary:
         if self.settings.torch_threads:
             import torch
 
             torch.set_num_threads(self.settings.torch_threads)
+        engine = self._load(lambda: self._factory(self.settings))
+        self.engine = engine
+        self._engines[engine.version] = (engine, threading.Lock())
+        return ModelSummary.of(engine)
+
+    def _load(self, make: Callable[[], SentimentEngine]) -> SentimentEngine:
         started = time.perf_counter()
-        engine = self._factory(self.settings)
+        engine = make()
         warm = engine.warm_up() if self.settings.warmup else 0.0
         log.info("model %s loaded on %s in %.2fs (warm-up %.2fs)", engine.version, engine.device,
                  time.perf_counter() - started, warm)
-        self.engine = engine
+        return engine
+
+    def score(self, requests: list[ScoreRequest], retry: bool = True) -> ScoredBatch:
+        assert self.engine is not None, "score() before start()"
+        served = self.engine.version
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.version or served, []).append(i)
+        results: list = [None] * len(requests)
+        merged = ScoredBatch(results)
+        for version, indices in groups.items():
+            engine, lock = self._engines.get(version, (None, None))
+            if engine is None or lock is None:  # freed meanwhile: only requests that already left had it
+                for i in indices:
+                    results[i] = BatchLostError(f"model version {version!r} is no longer loaded")
+                continue
+            with lock:
+                part = engine.score([requests[i] for i in indices])
+            for i, result in zip(indices, part.results):
+                results[i] = result
+            merged.tokenize_seconds += part.tokenize_seconds
+            merged.forward_seconds += part.forward_seconds
+            merged.forward_passes += part.forward_passes
+        merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        return merged
+
+    def add_version(self, artifacts_dir: str, version: str, shadow: bool = False) -> ModelSummary:
+        settings = self.settings.model_copy(update={"artifacts_dir": Path(artifacts_dir)})
+        try:
+            engine = self._load(lambda: load_engine(settings, version))
+        except Exception as exc:  # ArtifactError, a TorchScript error, a failed warm-up …
+            raise CandidateError(f"{type(exc).__name__}: {exc}") from None
+        self._engines[version] = (engine, threading.Lock())
         return ModelSummary.of(engine)
 
-    def score(self, requests: list[ScoreRequest]) -> ScoredBatch:
-        assert self.engine is not None, "score() before start()"
-        return self.engine.score(requests)
+    def promote(self, version: str) -> ModelSummary:
+        self.engine = self._engines[version][0]
+        return ModelSummary.of(self.engine)
+
+    def retire(self, old: str) -> None:
+        self._engines.pop(old, None)
+
+    def drop(self, version: str) -> None:
+        self._engines.pop(version, None)
+
+    def versions(self) -> dict[str, int]:
+        """Each version loaded → 1 (one engine each)."""
+        return {version: 1 for version in self._engines}
 
     def unready_detail(self) -> str | None:
         return None
@@ -136,6 +223,7 @@ class InProcessScorer:
 
     def close(self) -> None:
         self.engine = None
+        self._engines.clear()
 
 
 def worker_count(settings: Settings) -> int:

@@ -31,6 +31,7 @@ from app.lanes import INTERACTIVE, LANES, DeadlineExceededError, Lane
 from app.lifecycle import Lifecycle, State
 from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
+from app.model_control import ModelControl, VersionPins
 from app.scorer import BatchLostError, EngineFactory, ModelSummary, TextRejectedError
 from app.settings import Settings
 from app.tracing import RequestTimings, current_timings, record_batch
@@ -52,6 +53,8 @@ class SentimentService:
         self.settings = settings
         self.metrics = metrics
         self.lifecycle = Lifecycle(settings, metrics, engine_factory)
+        self.pins = VersionPins()  # requests outstanding per model version (a swap drains the old one)
+        self.control = ModelControl(settings, self.lifecycle, metrics, self.pins)
         # id(ScoreRequest) → its traced request's timings, while it waits (empty unless tracing is on).
         self._traced: dict[int, RequestTimings] = {}
         # The queue gauges by lane (the lifecycle registered totals; this replaces them).
@@ -70,6 +73,7 @@ class SentimentService:
             self.batcher.lanes.configure(self.settings.batch_lane_share, self.settings.batch_lane_batch_cost)
 
     async def shutdown(self) -> None:
+        self.control.close()
         await self.lifecycle.shutdown()
 
     def begin_draining(self) -> None:
@@ -84,6 +88,9 @@ class SentimentService:
         started_ns = time.time_ns() if self._traced else 0
         batch = self.lifecycle.scorer.score(requests)
         self.metrics.tokenize_duration.observe(batch.tokenize_seconds)
+        shadow = self.control.shadow
+        if shadow is not None:  # a candidate also scores some of these texts, on its own thread
+            shadow.offer(requests, batch.results)
         if started_ns:  # a traced request waits on this batch: its spans need the batch's times
             record_batch(self._traced, requests, started_ns, batch.tokenize_seconds, batch.forward_seconds)
         return batch.results
@@ -107,7 +114,11 @@ class SentimentService:
             note_explained()
         self.metrics.lane_requests.labels(lane=lane).inc()
         try:
-            model = self.lifecycle.require_serving()
+            model = self.pins.hold(self.lifecycle.require_serving)  # this request's version, to the end
+        except ApiError as error:
+            self._count_lane_error(error, lane)
+            raise
+        try:
             if sum(map(len, texts)) > VALIDATE_IN_THREAD_CHARS:
                 await run_in_threadpool(validate_texts, texts, self.settings, explain)
             else:
@@ -115,12 +126,17 @@ class SentimentService:
             work = plan(texts, trace, gates, explain, model)
             outcomes = await self._wait_for(work, disconnected, lane, started, timeout_s)
         except ApiError as error:
-            if error.kind in (Errors.OVERLOADED, Errors.DEADLINE_EXCEEDED, Errors.TIMEOUT):
-                self.metrics.lane_errors.labels(lane=lane, kind=error.code).inc()
+            self._count_lane_error(error, lane)
             raise
+        finally:
+            self.pins.release(model.version)
         scores = self._scores_or_error(work.merge(outcomes))
         self._count(scores)
         return model, scores
+
+    def _count_lane_error(self, error: ApiError, lane: Lane) -> None:
+        if error.kind in (Errors.OVERLOADED, Errors.DEADLINE_EXCEEDED, Errors.TIMEOUT):
+            self.metrics.lane_errors.labels(lane=lane, kind=error.code).inc()
 
     def _admit(self, work: Plan, lane: Lane, own_s: float | None, left_s: float) -> None:
         """Refuse at once what would wait in vain: past the request's own deadline ``own_s`` (``left_s``

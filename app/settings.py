@@ -31,9 +31,10 @@ class Settings(BaseSettings):
     workers: int | None = Field(None, ge=0, description=(
         "model-worker processes, each scoring whole batches on one core; default: one per usable core "
         "(CPU affinity, capped by the cgroup CPU quota) on CPU, 0 on CUDA; 0 scores in the server process"))
-    precision: Literal["fp32", "bf16", "int8"] = Field("fp32", description=(
-        "forward-pass arithmetic: fp32 (exact, batch-invariant), bf16 (autocast) or int8 (dynamic "
-        "quantisation, CPU only); faster but not batch-invariant (docs/performance.md, \"Precision\")"))
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field("auto", description=(
+        "forward-pass arithmetic: auto (bf16 on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere), fp32, bf16 "
+        "(the LSTM in bfloat16, the head in float64: batch-invariant, same test accuracy) or int8 (dynamic "
+        "quantisation, CPU only, not batch-invariant); docs/performance.md, \"Precision\""))
     warmup: bool = Field(True, description="run warm-up passes before reporting ready")
     # Batching
     max_batch_size: int = Field(64, ge=1, description="most texts in one batch (1 turns batching off)")
@@ -82,6 +83,15 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, prediction endpoints need 'Authorization: Bearer <key>'")
     api_keys_file: Path | None = Field(None, description=(
         "file of accepted API keys, one per line ('#' comments); must exist and hold a key, else start-up fails"))
+    # Model repository (docs/releasing.md)
+    model_repository: Path | None = Field(None, description=(
+        "directory of artifact directories, one per model version (the directory's name is the version); the "
+        "/v2/repository endpoints load, shadow and swap them (they exist only with an admin key)"))
+    admin_key: SecretStr | None = Field(None, description=(
+        "when set, the /v2/repository endpoints exist and need 'Authorization: Bearer <admin key>'; prediction "
+        "keys never open them"))
+    admin_keys_file: Path | None = Field(None, description=(
+        "file of accepted admin keys, one per line ('#' comments); must exist and hold a key, else start-up fails"))
     # Faults
     stuck_batch_s: float = Field(60.0, gt=0, description="a batch running longer turns readiness 503 (model stuck)")
     stuck_liveness_s: float = Field(120.0, gt=0, description="a batch running longer fails liveness too (restart me)")
@@ -124,6 +134,10 @@ class Settings(BaseSettings):
                              f"(SENTIMENT_MAX_TEXTS = {self.max_texts})")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"SENTIMENT_API_KEYS_FILE ({self.api_keys_file}) is not a readable file")
+        if self.admin_keys_file is not None and not self.admin_keys_file.is_file():
+            raise ValueError(f"SENTIMENT_ADMIN_KEYS_FILE ({self.admin_keys_file}) is not a readable file")
+        if self.model_repository is not None and not self.model_repository.is_dir():
+            raise ValueError(f"SENTIMENT_MODEL_REPOSITORY ({self.model_repository}) is not a directory")
         if self.batch_deadline_cap_s < self.batch_deadline_floor_s:
             raise ValueError("SENTIMENT_BATCH_DEADLINE_CAP_S must be at least SENTIMENT_BATCH_DEADLINE_FLOOR_S")
         if self.stuck_liveness_s < self.stuck_batch_s:

@@ -40,13 +40,17 @@ class WorkerConfig:
     warmup: bool
     log_format: str = "text"
     log_level: str = "info"
+    version: str | None = None  # the version's name in the model repository (None: the model card's)
+    extra_nice: int = 0  # added to the workers' niceness: a shadow candidate yields the CPU to serving
 
     @classmethod
     def of(cls, settings: Settings) -> "WorkerConfig":
         """The worker's share of the service's settings."""
+        from app.repository import startup_version
+
         s = settings
         return cls(str(s.artifacts_dir), s.device, s.precision, s.max_tokens, s.max_explain_tokens,
-                   s.max_batch_tokens, s.warmup, s.log_format, s.log_level)
+                   s.max_batch_tokens, s.warmup, s.log_format, s.log_level, startup_version(s))
 
 
 def worker_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
@@ -62,8 +66,14 @@ def worker_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, 
 class WorkerProcess:
     """A started model worker: its process and the connection that carries its batches."""
 
-    def __init__(self, index: int, process: subprocess.Popen, conn: Connection) -> None:
-        self.index, self.process, self.conn = index, process, conn
+    def __init__(self, index: int, process: subprocess.Popen, conn: Connection, config: WorkerConfig | None = None) -> None:
+        self.index, self.process, self.conn, self.config = index, process, conn, config
+        self.version: str | None = None  # the model version it loaded, once ready
+
+    @property
+    def shadow(self) -> bool:
+        """Whether it runs at the shadow's lower priority (it scores a candidate, not callers' requests)."""
+        return bool(self.config is not None and self.config.extra_nice)
 
     @classmethod
     def spawn(cls, command: Sequence[str], config: WorkerConfig, index: int) -> "WorkerProcess":
@@ -74,7 +84,7 @@ class WorkerProcess:
                                        stdin=subprocess.DEVNULL, env=worker_env())
         conn = Connection(ours.detach())
         conn.send(config)
-        return cls(index, process, conn)
+        return cls(index, process, conn, config)
 
     @property
     def pid(self) -> int:
@@ -96,7 +106,19 @@ class WorkerProcess:
         if status != "ready":
             self.kill()
             raise WorkerStartError(f"model worker {self.index} failed to start: {detail}")
+        self.version = detail.version
         return detail
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to exit (it is idle: nothing is lost), and kill it if it does not in time."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        if self.wait(timeout_s) is None:
+            self.process.kill()
+            self.wait(5)
+        self.conn.close()
 
     def wait(self, timeout_s: float) -> int | None:
         """The exit code once the process has ended within ``timeout_s``, else None."""

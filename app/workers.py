@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import queue
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from app.poison import PoisonMemory
-from app.resources import resident_bytes
+from app.pool_versions import CandidateError, VersionedWorkers
 from app.scorer import BatchLostError, TextRejectedError
 from app.throughput import Throughput
 from app.worker_process import WorkerConfig, WorkerProcess, WorkerStartError
@@ -38,7 +37,7 @@ from sentiment.engine import ScoredBatch, ScoreRequest
 if TYPE_CHECKING:
     from app.scorer import ModelSummary
 
-__all__ = ["WorkerConfig", "WorkerDiedError", "WorkerPool", "WorkerStartError"]
+__all__ = ["CandidateError", "WorkerConfig", "WorkerDiedError", "WorkerPool", "WorkerStartError"]
 log = logging.getLogger("app.workers")
 # A batch's deadline is this many times its predicted duration at the best recent throughput (an
 # optimistic rate: a busy machine, the front's share of the CPU and garbage collection all slow it).
@@ -50,10 +49,11 @@ class WorkerDiedError(BatchLostError):
     """No model worker could take this batch (the pool is closing, or every worker is gone)."""
 
 
-class WorkerPool:
+class WorkerPool(VersionedWorkers):
     """``count`` model-worker processes behind the :class:`~app.scorer.Scorer` protocol: the
     blocking :meth:`score` is called from up to ``count`` threads at once, and each call takes a
-    free worker for one batch."""
+    free worker of the version its requests are pinned to for one batch (model versions:
+    :class:`~app.pool_versions.VersionedWorkers`)."""
 
     command = [sys.executable, "-m", "app.model_worker"]  # + the socket's fd (tests start faulty workers)
 
@@ -62,17 +62,12 @@ class WorkerPool:
                  deadline_cap_s: float = 20.0, poison_ttl_s: float = 3600.0,
                  on_failure: Callable[[str], None] | None = None, on_poison: Callable[[], None] | None = None,
                  on_retry: Callable[[int], None] | None = None) -> None:
-        self.config = config
-        self.count = self.slots = count
+        super().__init__(config, count)
+        self.slots = count
         self.restarts = 0
-        self.model: ModelSummary | None = None  # what every worker must have loaded
         self.deadline_floor_s, self.deadline_cap_s, self.poison_ttl_s = deadline_floor_s, deadline_cap_s, poison_ttl_s
         self._on_restart, self._on_fatal = on_restart, on_fatal
         self._on_failure, self._on_poison, self._on_retry = on_failure, on_poison, on_retry
-        self._workers: dict[int, WorkerProcess] = {}  # index → its live, ready worker
-        self._idle: queue.SimpleQueue[WorkerProcess | None] = queue.SimpleQueue()  # None: closing, stop waiting
-        self._lock = threading.Lock()
-        self._closed = False
         # One worker's cost per second over batches of any size (small ones are slow per text, which
         # only errs towards longer deadlines).
         self._throughput = Throughput(1, 1, float("inf"))
@@ -81,8 +76,10 @@ class WorkerPool:
     # ---- the Scorer protocol ------------------------------------------------------------------
     @property
     def ready(self) -> int:
-        """Workers loaded, warm and serving."""
-        return len(self._workers)
+        """Workers loaded, warm and serving (a shadow worker only once its version serves; during a swap
+        the old and new versions' workers together count at most ``count``)."""
+        served = self.model.version if self.model is not None else None
+        return min(self.count, sum(1 for w in list(self._workers.values()) if not w.shadow or w.version == served))
 
     def unready_detail(self) -> str | None:
         if self.ready or self._closed:
@@ -98,42 +95,71 @@ class WorkerPool:
     def start(self) -> ModelSummary:
         """Start every worker and wait until all are ready (raises :class:`WorkerStartError`); the
         summary of the model they loaded."""
-        pending = [self._spawn(i) for i in range(self.count)]  # they load in parallel
+        pending = [self._spawn(i, self.config) for i in range(self.count)]  # they load in parallel
         try:
-            summaries = [self._await_ready(worker) for worker in pending]
+            summaries = [worker.await_ready(None) for worker in pending]
         except BaseException:
             for worker in pending:
                 worker.kill()
             raise
-        self.model = dataclasses.replace(summaries[0], workers=self.count)
-        for worker, summary in zip(pending, summaries):
-            if (summary.version, summary.checksum) != (self.model.version, self.model.checksum):
+        model = dataclasses.replace(summaries[0], workers=self.count)
+        for summary in summaries:
+            if (summary.version, summary.checksum) != (model.version, model.checksum):
                 for w in pending:
                     w.kill()
                 raise WorkerStartError(f"model workers loaded different models ({summary.version!r} and "
-                                       f"{self.model.version!r}): did the artifacts change during start-up?")
-            self._workers[worker.index] = worker
-            self._idle.put(worker)
+                                       f"{model.version!r}): did the artifacts change during start-up?")
+        self._register(model.version, self.config, model, pending)
+        self.model = model
         log.info("%d model workers ready (pids %s)", self.count, ", ".join(str(w.pid) for w in pending))
         return self.model
 
-    def score(self, requests: list[ScoreRequest]) -> ScoredBatch:
-        """Score one batch; a text fails only when it cannot be scored at all (see the module doc)."""
+    def score(self, requests: list[ScoreRequest], retry: bool = True) -> ScoredBatch:
+        """Score one batch, each request on a worker of the version it is pinned to (the served one
+        when not pinned); a text fails only when it cannot be scored at all (see the module doc).
+        Without ``retry`` (shadow work) a failed worker's texts fail with :class:`BatchLostError`,
+        and nothing is remembered as poison."""
+        assert self.model is not None, "score() before start()"
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.version or self.model.version, []).append(i)
+        if len(groups) == 1:  # almost always: one version serves
+            return self._score_version(next(iter(groups)), requests, retry)
+        results: list = [None] * len(requests)  # a batch formed while the served version changed
+        merged = ScoredBatch(results)
+        for version, indices in groups.items():
+            part = self._score_version(version, [requests[i] for i in indices], retry)
+            for i, result in zip(indices, part.results):
+                results[i] = result
+            merged.tokenize_seconds += part.tokenize_seconds
+            merged.forward_seconds += part.forward_seconds
+            merged.forward_passes += part.forward_passes
+        merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        return merged
+
+    def _score_version(self, version: str, requests: list[ScoreRequest], retry: bool) -> ScoredBatch:
+        if version not in self._idle and not self._closed:  # outlived its version (freed after the request timeout)
+            lost = WorkerDiedError(f"model version {version!r} is no longer loaded")
+            return ScoredBatch([lost] * len(requests), errors=list(range(len(requests))))
         results: list = [None] * len(requests)
         todo = [i for i, r in enumerate(requests) if not self._poison.refuses(r.text)]
         for i in set(range(len(requests))) - set(todo):
             results[i] = TextRejectedError(self.poison_ttl_s)
         if not todo:
             return ScoredBatch(results, errors=list(range(len(requests))))
-        first = self._attempt([requests[i] for i in todo])
+        first = self._attempt(version, [requests[i] for i in todo])
         if isinstance(first, ScoredBatch):
             parts = [(todo, first)]
+        elif not retry:
+            for i in todo:
+                results[i] = BatchLostError(first)
+            parts = []
         else:  # the worker failed: each text again, alone; one that fails again is the poison
             if self._on_retry is not None:
                 self._on_retry(len(todo))
             parts = []
             for i in todo:
-                again = self._attempt([requests[i]])
+                again = self._attempt(version, [requests[i]])
                 if isinstance(again, ScoredBatch):
                     parts.append(([i], again))
                 else:
@@ -148,34 +174,13 @@ class WorkerPool:
         merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         return merged
 
-    def resident_bytes(self) -> int:
-        return sum(self.worker_bytes().values())
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Tell every worker to exit (after the batcher has drained); kill those that do not."""
-        with self._lock:
-            self._closed = True
-            workers = list(self._workers.values())
-            self._workers.clear()
-        for _ in range(self.count):
-            self._idle.put(None)  # wakes any caller still waiting for a worker
-        for worker in workers:
-            try:
-                worker.conn.send(None)
-            except OSError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        for worker in workers:
-            if worker.wait(max(0.0, deadline - time.monotonic())) is None:  # a hung batch: no asking nicely
-                worker.kill()
-            worker.conn.close()
-
     # ---- one batch on one worker --------------------------------------------------------------
-    def _attempt(self, requests: list[ScoreRequest]) -> ScoredBatch | str:
-        """The batch scored by a free worker, or why that worker failed (it is then replaced)."""
-        worker = self._take_worker()
+    def _attempt(self, version: str, requests: list[ScoreRequest]) -> ScoredBatch | str:
+        """The batch scored by a free worker of ``version``, or why that worker failed (it is then replaced)."""
+        worker = self._take_worker(version)
         cost = self._cost(requests)
-        deadline = self._deadline_s(cost)
+        # A shadow worker runs niced, at a fraction of a busy core: only the cap says it is stuck.
+        deadline = self.deadline_cap_s if worker.shadow else self._deadline_s(cost)
         started = time.perf_counter()
         try:
             worker.conn.send(requests)
@@ -184,8 +189,9 @@ class WorkerPool:
             else:
                 batch = worker.conn.recv()
                 if isinstance(batch, ScoredBatch) and len(batch.results) == len(requests):
-                    self._throughput.record(len(requests), cost, time.perf_counter() - started)
-                    self._idle.put(worker)
+                    if not worker.shadow:  # the shadow's pace (niced, a single worker) says nothing of serving
+                        self._throughput.record(len(requests), cost, time.perf_counter() - started)
+                    self._release(worker)
                     return batch
                 reason, detail = "bad_reply", f"a malformed reply ({type(batch).__name__})"
         except (EOFError, OSError):
@@ -195,13 +201,26 @@ class WorkerPool:
         self._replace(worker, reason, detail)
         return detail
 
-    def _take_worker(self) -> WorkerProcess:
-        """A free, live worker (blocks until one is free); :class:`WorkerDiedError` when closing."""
+    def _release(self, worker: WorkerProcess) -> None:
+        """A worker that finished its batch is free again, unless its version was retired meanwhile."""
+        idle = self._idle.get(str(worker.version))
+        if idle is None or self._workers.get(worker.index) is not worker:
+            worker.stop()
+            return
+        idle.put(worker)
+
+    def _take_worker(self, version: str) -> WorkerProcess:
+        """A free, live worker of ``version`` (blocks until one is free); :class:`WorkerDiedError`
+        when closing or when no worker holds that version any more."""
+        idle = self._idle.get(version)
+        if idle is None:
+            raise WorkerDiedError(f"no model worker holds version {version!r} any more")
         while True:
-            worker = self._idle.get()
+            worker = idle.get()
             if worker is None or self._closed:
-                self._idle.put(None)  # let the next waiter out too
-                raise WorkerDiedError("the model workers are shutting down")
+                idle.put(None)  # let the next waiter out too
+                raise WorkerDiedError("the model workers are shutting down" if self._closed else
+                                      f"the model workers of version {version!r} were stopped")
             if worker.process.poll() is None:
                 return worker
             self._replace(worker, "exit", "exited while idle")  # an OOM kill, say: nothing was lost, take another
@@ -229,11 +248,8 @@ class WorkerPool:
         return TextRejectedError(self.poison_ttl_s)
 
     # ---- replacing workers --------------------------------------------------------------------
-    def _spawn(self, index: int) -> WorkerProcess:
-        return WorkerProcess.spawn(self.command, self.config, index)
-
-    def _await_ready(self, worker: WorkerProcess) -> ModelSummary:
-        return worker.await_ready(self.model)
+    def _spawn(self, index: int, config: WorkerConfig) -> WorkerProcess:
+        return WorkerProcess.spawn(self.command, config, index)
 
     def _replace(self, worker: WorkerProcess, reason: str, detail: str) -> None:
         """Kill a worker that failed (``reason``: exit, deadline, bad_reply) and start its replacement
@@ -251,17 +267,23 @@ class WorkerPool:
             self._on_restart()
         if self._on_failure is not None:
             self._on_failure(reason)
-        threading.Thread(target=self._restart, args=(worker.index,), name=f"restart-worker-{worker.index}",
-                         daemon=True).start()
+        if worker.config is None or worker.version is None:
+            return
+        threading.Thread(target=self._restart, args=(worker.index, worker.config, worker.version),
+                         name=f"restart-worker-{worker.index}", daemon=True).start()
 
-    def _restart(self, index: int) -> None:
+    def _restart(self, index: int, config: WorkerConfig, version: str) -> None:
+        """Start a worker of ``version`` in slot ``index``, retrying with a backoff, unless the version
+        is retired meanwhile (it must load the same model: version and checksum)."""
         for attempt in itertools.count():
+            if not self.wanted(version):
+                return
             try:
-                worker = self._spawn(index)
-                self._await_ready(worker)
+                worker = self._spawn(index, config)
+                worker.await_ready(self.expected(version))
                 break
             except Exception as exc:  # e.g. the artifacts changed or vanished
-                if self._closed:
+                if not self.wanted(version):
                     return
                 if not self.ready:  # nothing serves, and nothing here can heal it: let the pod restart
                     log.critical("could not replace model worker %d and none serves: %s", index, exc)
@@ -273,16 +295,12 @@ class WorkerPool:
                              index, exc, pause)
                 time.sleep(pause)
         with self._lock:
-            if self._closed:
+            idle = self._idle.get(version)
+            if not self.wanted(version) or idle is None:  # closing, or the version was retired meanwhile
                 worker.conn.send(None)
                 return
+            if index in self._workers:  # its slot was given to another worker meanwhile (after a swap)
+                index = worker.index = next(self._next_index)
             self._workers[index] = worker
-        self._idle.put(worker)
-        log.info("model worker %d replaced (pid %s)", index, worker.pid)
-
-    def worker_bytes(self) -> dict[int, int]:
-        """Resident memory of each live worker (index → bytes), from /proc."""
-        return {index: resident_bytes(worker.pid) for index, worker in list(self._workers.items())}
-
-    def pids(self) -> Sequence[int]:
-        return [w.pid for w in self._workers.values()]
+        idle.put(worker)
+        log.info("model worker %d (version %s) started (pid %s)", index, version, worker.pid)

@@ -92,7 +92,8 @@ class Load:
             t.join(70)
 
     def since(self, t0: float, t1: float = float("inf")) -> dict[str, Any]:
-        answers = [a for a in self.answers if t0 <= a[0] < t1]
+        """The answers of requests in flight at any time from ``t0`` to ``t1`` (sent before, answered after, too)."""
+        answers = [a for a in self.answers if a[0] + a[2] >= t0 and a[0] < t1]
         ready = [s for t, s in self.ready if t0 <= t < t1]
         return {"requests": len(answers), "ok_share": sum(s == 200 for _, s, _ in answers) / max(1, len(answers)),
                 "errors": sum(s != 200 for _, s, _ in answers), "slowest_s": max((d for *_, d in answers), default=0.0),
@@ -107,7 +108,8 @@ def deadline_client(base_url: str, reviews: list[str], seconds: float, timeout_m
         while time.monotonic() < end:
             started = time.monotonic()
             r = client.post("/v1/predict", json={"texts": [reviews[n % len(reviews)]], "timeout_ms": timeout_ms})
-            answers.append((r.status_code, r.headers.get("x-error-code", ""), time.monotonic() - started))
+            code = "" if r.status_code == 200 else r.json().get("error", {}).get("code", "")
+            answers.append((r.status_code, code, time.monotonic() - started))
             n += 11
             time.sleep(0.05)
     return answers
@@ -177,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                                   **load.since(t0)}
             t1 = time.monotonic()
             victim = worker_pids(server.pid)[0]
+            restarts = metric_sum(server.base_url, "sentiment_worker_restarts_total")
             os.kill(victim, signal.SIGKILL)
+            noticed = wait_for(lambda: metric_sum(server.base_url, "sentiment_worker_restarts_total") > restarts, 60)
             back = wait_for(lambda: workers_ready(server.base_url) == count, 120)
             time.sleep(2)
-            results["sigkill_worker"] = {"replaced_after_s": back, **load.since(t1)}
+            results["sigkill_worker"] = {"noticed_after_s": noticed, "replaced_after_s": (noticed or 0) + (back or float("nan")),
+                                         **load.since(t1)}
         workers = worker_pids(server.pid)
         server.kill()
         results["sigkill_front"] = {"workers": len(workers),

@@ -39,6 +39,7 @@ LUA = Path(__file__).resolve().parent / "wrk_post.lua"
 CONFIGS = {
     "default": {},  # every usable core: one model worker per core, batching on
     "batching off": {"SENTIMENT_MAX_BATCH_SIZE": "1"},
+    "fp32": {"SENTIMENT_PRECISION": "fp32"},  # the default is bf16 where the CPU has it
     "one process": {"SENTIMENT_WORKERS": "0"},  # the model in the server process (the old default)
 }
 DEFAULT_CONFIGS = ["default", "batching off"]

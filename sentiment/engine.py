@@ -7,7 +7,6 @@ No asyncio and no HTTP here: the service's batcher calls ``score`` from its mode
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ import torch
 
 from sentiment.artifacts import Artifacts, cpu_has_bf16, load_artifacts
 from sentiment.batching import length_buckets
-from sentiment.model import ModelConfig, SentimentLSTM, gate_trace, pad_batch
+from sentiment.model import ExactMixedPrecision, ModelConfig, SentimentLSTM, gate_trace, pad_batch
 from sentiment.text import EncodedText, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,33 @@ ONEDNN_PRIMITIVE_CACHE = "16"
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic ``precision`` names on ``device``: ``auto`` is bf16 on a CPU with AVX-512 BF16
+    or AMX (exact and batch-invariant there, as fast as 1.5× fp32, the same test accuracy;
+    docs/performance.md, "Precision") and fp32 everywhere else (on CUDA, bf16's batch invariance is
+    not verified)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
 class EmptyTextError(ValueError):
     """A text produced no tokens (for example only HTML line breaks)."""
+
+
+class VersionMismatchError(RuntimeError):
+    """A request pinned to one model version reached an engine holding another. Never expected: the
+    service pins each request's items to the version it admitted them for and routes them to that
+    version's workers, so this is the invariant "each request is scored by one version" failing loudly."""
+
+    def __init__(self, wanted: str, loaded: str) -> None:
+        super().__init__(f"a request pinned to model version {wanted!r} reached version {loaded!r}")
+        self.wanted, self.loaded = wanted, loaded
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # crosses the pipe from a model worker
+        return VersionMismatchError, (self.wanted, self.loaded)
 
 
 class ExplainTooLongError(ValueError):
@@ -66,6 +90,7 @@ class ScoreRequest:
     gates: bool = False
     explain: bool = False  # occlusion: P(text) − P(text without token j), for every token j …
     explain_span: tuple[int, int] | None = None  # … or only for start <= j < stop (a slice of the work)
+    version: str | None = None  # the model version that must score it (None: whichever engine gets it)
 
 
 @dataclass(frozen=True)
@@ -128,14 +153,16 @@ class SentimentEngine:
     """Holds the model, the vocabulary and the text encoder. Not thread-safe: one caller at a time."""
 
     def __init__(self, artifacts: Artifacts, max_tokens: int | None = None, max_batch_tokens: int = 16_384,
-                 max_explain_tokens: int | None = None, precision: str = "fp32") -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+                 max_explain_tokens: int | None = None, precision: str = "auto", version: str | None = None) -> None:
+        precision = resolve_precision(precision, artifacts.device)
         # Read by oneDNN when it first builds a primitive, so before any forward pass; a value set
         # by the operator wins.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE)
         self.artifacts = artifacts
         self.precision = precision
+        # A model repository names versions by directory (two copies of one model are two versions);
+        # without one, the model card's version.
+        self._version = version
         self.encoder = TextEncoder(artifacts.vocab)
         self.max_tokens = artifacts.vocab.settings.token_limit(max_tokens)
         self.max_batch_tokens = max_batch_tokens
@@ -152,23 +179,18 @@ class SentimentEngine:
         if precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
             raise ValueError("bf16 precision needs a CPU with AVX-512 BF16 or AMX (oneDNN's bf16 LSTM); "
                              "this one has neither: use fp32 or int8")
-        if precision != "int8":
+        if precision == "fp32":
             return self.artifacts.model
-        if self.device.type != "cpu":
+        if precision == "int8" and self.device.type != "cpu":
             raise ValueError("int8 precision runs on CPU only; use fp32 or bf16 on CUDA")
-        config = ModelConfig(**self.artifacts.card["architecture"]["config"])
-        eager = SentimentLSTM(config)
-        eager.load_state_dict({k: v.float().cpu() for k, v in self._weights.items()})
-        eager.eval()
+        eager = SentimentLSTM(ModelConfig.of_weights(self._weights))  # the card need not describe it
+        eager.load_state_dict({k: v.float() for k, v in self._weights.items()})
+        eager.to(self.device).eval()
+        if precision == "bf16":
+            return ExactMixedPrecision(eager, torch.bfloat16)
         with warnings.catch_warnings():  # torch.ao's notice that this API moves to torchao
             warnings.simplefilter("ignore")
             return torch.ao.quantization.quantize_dynamic(eager, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
-
-    def _arithmetic(self) -> Any:
-        """bf16: autocast around the pass (matrix products in bfloat16, fp32 elsewhere)."""
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", **kwargs: Any) -> "SentimentEngine":
@@ -181,7 +203,8 @@ class SentimentEngine:
 
     @property
     def version(self) -> str:
-        return str(self.artifacts.card.get("version", "unknown"))
+        """The version this engine serves: its repository name, else the model card's version."""
+        return self._version or str(self.artifacts.card.get("version", "unknown"))
 
     def score(self, requests: Sequence[ScoreRequest]) -> ScoredBatch:
         """Tokenise raw texts, then score them in length-bucketed forward passes.
@@ -197,7 +220,9 @@ class SentimentEngine:
         results: list[Score | Exception | None] = [None] * len(requests)
         scorable = []
         for i, enc in enumerate(encoded):
-            if isinstance(enc, Exception):
+            if requests[i].version not in (None, self.version):
+                results[i] = VersionMismatchError(str(requests[i].version), self.version)
+            elif isinstance(enc, Exception):
                 results[i] = enc
             elif enc.total_tokens == 0:
                 results[i] = EmptyTextError("text contains no tokens after cleaning")
@@ -266,8 +291,7 @@ class SentimentEngine:
                                 max_length_ratio=PASS_LENGTH_RATIO, min_rows=MIN_PASS_ROWS)
         for chunk in passes:
             ids, lens = pad_batch([rows[i] for i in chunk])  # (B, T), (B,)
-            with self._arithmetic():
-                chunk_last, chunk_steps = self.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
+            chunk_last, chunk_steps = self.model(ids.to(self.device), lens.to(self.device))  # (B,), (B, T)
             self.forward_passes += 1
             steps_cpu = chunk_steps.float().cpu() if any(wants_steps[i] for i in chunk) else None  # (B, T)
             for row, (i, p) in enumerate(zip(chunk, chunk_last.float().cpu().tolist())):
@@ -285,10 +309,9 @@ class SentimentEngine:
         """Cache the vocabulary's words in the tokenizer, then score a short and a long text twice,
         with traces, so the first callers are not slow."""
         started = time.perf_counter()
-        # spaCy tokenises a word by its rules unless the word is in its lasting cache, which
-        # otherwise fills only as traffic repeats words. The vocabulary holds the words most texts
-        # are made of: caching them now (~0.4 s) took IMDB reviews from 2.0 to 1.3 ms each to
-        # tokenise from the first request (measured). Same tokens either way.
+        # The tokenizer memoises words' tokens as traffic brings them; the vocabulary holds the
+        # words most texts are made of, so memoising them now (~0.4 s) makes the first requests
+        # as fast to tokenise as later ones. Same tokens either way.
         self.encoder.tokenizer.cache_words(self.artifacts.vocab.itos[2:])
         samples = ["A fine film.", "An awful, boring movie that I would not recommend to anyone. " * 20]
         for _ in range(2):

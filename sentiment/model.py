@@ -23,6 +23,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of_weights(cls, state: dict[str, Tensor]) -> "ModelConfig":
+        """The shapes a :class:`SentimentLSTM` state dict was made with (dropout, which has no
+        weights, at its default; it is off at inference anyway)."""
+        vocab_size, embedding_dim = state["embedding.weight"].shape
+        layers = sum(1 for k in state if k.startswith("lstm.weight_ih_l"))
+        return cls(int(vocab_size), int(embedding_dim), int(state["lstm.weight_hh_l0"].shape[1]), layers)
+
 
 class SentimentLSTM(nn.Module):
     """A unidirectional LSTM whose sigmoid output after each token is the running sentiment.
@@ -64,6 +72,37 @@ class SentimentLSTM(nn.Module):
         positions = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # (1, T)
         probs = probs.masked_fill(positions >= lengths.unsqueeze(1), 0.0)  # (B, T)
         return last, probs
+
+
+class ExactMixedPrecision(nn.Module):
+    """A :class:`SentimentLSTM`'s forward pass with the LSTM's matrix products in ``dtype`` (bf16)
+    and every result independent of the batch around it.
+
+    Under plain autocast the head (``Linear(H, 1)``) also runs in bf16: its output is rounded to
+    bf16's 8-bit mantissa after a matrix product whose kernel, and so its summation order, depends
+    on the batch's shape (a lone text is one row, a batch many), so a text's logit could move by one
+    bf16 step (~0.016 at a logit of 3) with its neighbours. Here the LSTM runs under autocast (its
+    oneDNN kernel gives the same hidden states for a row alone, in any batch and at any padding)
+    and the head in float64: products of bf16-valued states and fp32 weights are exact there, and
+    the sum's order (nor the sigmoid's vectorised tail) cannot show after rounding to fp32.
+    """
+
+    def __init__(self, model: SentimentLSTM, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.weight = model.head.weight.detach().double().reshape(-1)  # (H,)
+        self.bias = model.head.bias.detach().double()  # (1,)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """As :meth:`SentimentLSTM.forward`: (B,) last-token and (B, T) per-step probabilities, fp32."""
+        with torch.autocast(device_type=ids.device.type, dtype=self.dtype):
+            h, _ = self.model.lstm(self.model.embedding(ids))  # (B, T, H) in bf16
+        # float64 through the sigmoid too: its vectorised and scalar (tail) code differ in the last
+        # bit, and which elements are a row's tail depends on the batch's size.
+        probs = torch.sigmoid(h.double() @ self.weight + self.bias).float()  # (B, T)
+        last = probs.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (B,)
+        positions = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # (1, T)
+        return last, probs.masked_fill(positions >= lengths.unsqueeze(1), 0.0)
 
 
 def pad_batch(id_lists: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, KeysView, Sequence
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
@@ -91,76 +91,127 @@ def cut_words(cleaned: str, keep: int, keep_end: bool = True) -> tuple[str, int]
     return cleaned[: starts[keep]], len(starts) - keep
 
 
-class Tokenizer:
-    """spaCy's rule-based English tokenizer (``spacy.blank``: no model download needed).
+_CROSS_PAIRS: dict[int, frozenset[tuple[str, str]]] = {}
 
-    Every call runs inside spaCy's ``memory_zone`` (bounded memory), which also empties spaCy's
-    per-word tokenisation cache after each call; tokenising a word from scratch costs several
-    times a cache hit. So words *frequent in the traffic* are kept: every ``PROMOTE_EVERY_TEXTS``
-    texts, whitespace-separated words seen at least twice in that window are tokenised outside any
-    zone (``PROMOTE_PER_CALL`` of them per call, so no call stalls), where spaCy caches them for good, up to ``CACHE_WORDS`` words in all (about 30 MB; a
-    bound no client can push past, as is the window's count of ``WINDOW_WORDS`` distinct words). The cache only memoises spaCy's own rules, so the tokens
-    are the same either way (tests/test_text.py, and ``python -m benchmarks.tokenizer_cache`` over
-    every IMDB review).
+
+def _cross_pairs(nlp: Any) -> frozenset[tuple[str, str]]:
+    """Character pairs (last of one piece, first of the next) at which one of the tokenizer's
+    special cases that it splits into several tokens (``''`` → ``'`` ``'``, ``:)``, ``O.O``) could
+    match across a space. spaCy applies those with a matcher over the whole text, so there, and only
+    there, a word's tokens can depend on its neighbour; computed once per tokenizer."""
+    key = id(nlp.tokenizer)
+    if key not in _CROSS_PAIRS:
+        from spacy.tokenizer import Tokenizer as SpacyTokenizer
+
+        t = nlp.tokenizer
+        plain = SpacyTokenizer(nlp.vocab, rules={}, prefix_search=t.prefix_search, suffix_search=t.suffix_search,
+                               infix_finditer=t.infix_finditer, token_match=t.token_match, url_match=t.url_match)
+        pairs = set()
+        for case in t.rules:
+            parts = [token.text for token in plain(case)]
+            pairs.update((a[-1], b[0]) for a, b in zip(parts, parts[1:]) if a and b)
+        _CROSS_PAIRS[key] = frozenset(pairs)
+    return _CROSS_PAIRS[key]
+
+
+class Tokenizer:
+    """spaCy's rule-based English tokenizer (``spacy.blank``: no model download needed), memoised.
+
+    spaCy splits a text at whitespace and tokenises each piece between whitespace on its own, except
+    that a few special cases (``''``, emoticons) are matched over the whole text, so that a word next
+    to certain neighbours can tokenise differently (:func:`_cross_pairs`). A text's tokens are
+    therefore its pieces' tokens in order (:meth:`_units`), and a piece seen before is looked up in a
+    dict of its tokens, which costs a fraction of spaCy building a ``Doc``. The others go through
+    spaCy, one ``Doc`` each, in one ``memory_zone`` per call (strings first seen there are freed when
+    it ends, so a flood of new words cannot grow spaCy's string store).
+
+    The memo holds the words given to :meth:`cache_words` (the vocabulary's, at warm-up) and, with
+    ``keep_recent_words``, every word tokenised since, up to ``CACHE_WORDS`` words in all (about
+    32 MB, a bound no client can push past): when full it is emptied back to the cached words, so a
+    flood of never-seen words costs speed for a moment, never memory. The tokens are the same as
+    spaCy's over the whole text, always (tests/test_text.py, and ``python -m
+    benchmarks.tokenizer_cache`` over every IMDB review).
     """
 
-    PROMOTE_EVERY_TEXTS = 2_000
-    WINDOW_WORDS = 100_000  # distinct words counted at most per window (bounds the counter's memory)
-    CACHE_WORDS = 200_000
-    PROMOTE_PER_CALL = 500  # words cached per call at most: ~5 ms, so no batch stalls on a big promotion
+    CACHE_WORDS = 120_000  # ~270 bytes a word (measured): about 32 MB at most
 
-    def __init__(self, settings: TokenizerSettings, keep_frequent_words: bool = True) -> None:
+    def __init__(self, settings: TokenizerSettings, keep_recent_words: bool = True) -> None:
         import spacy  # imported here so that importing this module stays cheap
 
         self.settings = settings
         self._nlp = spacy.blank(settings.spacy_language)
-        self._keep_frequent = keep_frequent_words
-        self._window: Counter[str] = Counter()  # words of the current window, with counts
-        self._window_texts = 0
-        self._to_cache: list[str] = []  # frequent words not cached yet, a few per call
-        self.cached_words: set[str] = set()
+        self._keep_recent = keep_recent_words
+        self._pinned: dict[str, tuple[str, ...]] = {}  # cache_words' words → tokens: always kept
+        self._memo: dict[str, tuple[str, ...]] = {}  # the pinned ones and recent ones
+
+    @property
+    def cached_words(self) -> KeysView[str]:
+        """The words whose tokens are memoised."""
+        return self._memo.keys()
 
     def tokenize(self, text: str) -> list[str]:
         """Return the (lower-cased) tokens of ``text``, whitespace tokens dropped."""
         return self.tokenize_many([text])[0]
 
     def tokenize_many(self, texts: Iterable[str], batch_size: int = 256, already_clean: bool = False) -> list[list[str]]:
-        """Tokenise many texts; faster than calling :meth:`tokenize` in a loop.
-
-        Runs inside spaCy's ``memory_zone``: strings first seen here (every never-seen word) are
-        freed when it ends, so a flood of new words cannot grow the process without bound. The
-        tokens returned are plain Python strings, copied out before the zone closes.
-        """
-        lower = self.settings.lowercase
+        """Tokenise many texts; faster than calling :meth:`tokenize` in a loop."""
         cleaned = list(texts if already_clean else (clean(t, self.settings) for t in texts))
-        out: list[list[str]] = []
-        with self._nlp.memory_zone():
-            for doc in self._nlp.tokenizer.pipe(cleaned, batch_size=batch_size):
-                out.append([(t.lower_ if lower else t.text) for t in doc if not t.is_space])
-        if self._keep_frequent and len(self.cached_words) < self.CACHE_WORDS:
-            self._count(cleaned)
+        memo = self._memo
+        units = [self._units(text) for text in cleaned]
+        new = {u: None for us in units for u in us if u not in memo}  # a dict: ordered, no repeats
+        fresh = self._tokenize_pieces(list(new), batch_size) if new else {}
+        out = [[t for u in us for t in (memo.get(u) or fresh[u])] for us in units]
+        if self._keep_recent and fresh:
+            if len(memo) + len(fresh) > self.CACHE_WORDS:
+                self._memo = memo = dict(self._pinned)
+            memo.update((u, tokens) for u, tokens in fresh.items() if " " not in u)
         return out
 
-    def _count(self, cleaned: list[str]) -> None:
-        if self._to_cache:
-            self.cache_words(self._to_cache[: self.PROMOTE_PER_CALL])
-            del self._to_cache[: self.PROMOTE_PER_CALL]
-            return  # count the next window once this one is cached
-        for text in cleaned:
-            self._window.update(text.split())
-        self._window_texts += len(cleaned)
-        if self._window_texts >= self.PROMOTE_EVERY_TEXTS or len(self._window) >= self.WINDOW_WORDS:
-            frequent = [w for w, n in self._window.most_common() if n >= 2 and w not in self.cached_words]
-            self._to_cache = frequent[: self.CACHE_WORDS - len(self.cached_words)]
-            self._window.clear()
-            self._window_texts = 0
+    def tokenize_whole(self, text: str, already_clean: bool = False) -> list[str]:
+        """spaCy over the whole text in one ``Doc``, no memo: the definition of the tokens, which
+        :meth:`tokenize_many` returns faster (used to check it)."""
+        cleaned = text if already_clean else clean(text, self.settings)
+        lower = self.settings.lowercase
+        with self._nlp.memory_zone():
+            return [(t.lower_ if lower else t.text) for t in self._nlp.tokenizer(cleaned) if not t.is_space]
+
+    def _units(self, text: str) -> list[str]:
+        """The text cut into pieces that spaCy tokenises independently: its whitespace-separated words
+        (``str.split`` splits at the same whitespace as spaCy), except that words joined by a single
+        space where a special case could match across that space (e.g. ``'`` then ``''And``) stay
+        together."""
+        words = text.split()
+        pairs = _cross_pairs(self._nlp)
+        if not any((a[-1], b[0]) in pairs for a, b in zip(words, words[1:])):
+            return words
+        units: list[str] = []
+        start = end = -1
+        for m in _WORD.finditer(text):
+            if units and m.start() == end + 1 and text[end] == " " and (text[end - 1], text[m.start()]) in pairs:
+                units[-1] = text[start:m.end()]  # joined to the previous piece
+            else:
+                units.append(m.group())
+                start = m.start()
+            end = m.end()
+        return units
+
+    def _tokenize_pieces(self, pieces: Sequence[str], batch_size: int = 256) -> dict[str, tuple[str, ...]]:
+        """Each piece's tokens, from spaCy (one ``Doc`` each, so none can affect another), inside a
+        ``memory_zone``."""
+        lower = self.settings.lowercase
+        with self._nlp.memory_zone():
+            return {piece: tuple((t.lower_ if lower else t.text) for t in doc if not t.is_space)
+                    for piece, doc in zip(pieces, self._nlp.tokenizer.pipe(pieces, batch_size=batch_size))}
 
     def cache_words(self, words: Sequence[str]) -> None:
-        """Tokenise ``words`` outside any memory zone, so that spaCy keeps them in its cache."""
-        for i in range(0, len(words), 1_000):
-            for _ in self._nlp.tokenizer.pipe([" ".join(words[i:i + 1_000])]):
-                pass
-        self.cached_words.update(words)
+        """Memoise the tokens of ``words`` for good (whitespace-free strings; the vocabulary's words
+        at warm-up), up to ``CACHE_WORDS`` in all."""
+        todo = [w for w in dict.fromkeys(words) if w and w not in self._pinned and not any(c.isspace() for c in w)]
+        todo = todo[: max(0, self.CACHE_WORDS - len(self._pinned))]
+        if todo:
+            tokens = self._tokenize_pieces(todo)
+            self._pinned.update(tokens)
+            self._memo.update(tokens)
 
 
 @dataclass

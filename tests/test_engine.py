@@ -72,7 +72,7 @@ def test_cheaper_precisions_stay_close_to_fp32(tiny_artifacts, precision: str, b
     if precision == "bf16" and not cpu_has_bf16():
         pytest.skip("this CPU has no AVX-512 BF16 or AMX (see test_bf16_is_refused_without_bf16_instructions)")
     texts = ["good", "the movie was awful !", "a great film , the film was good . " * 4]
-    exact = SentimentEngine.load(tiny_artifacts, "cpu").score([ScoreRequest(t, trace=True) for t in texts]).results
+    exact = SentimentEngine.load(tiny_artifacts, "cpu", precision="fp32").score([ScoreRequest(t, trace=True) for t in texts]).results
     cheap_engine = SentimentEngine.load(tiny_artifacts, "cpu", precision=precision)
     assert cheap_engine.precision == precision
     cheap = cheap_engine.score([ScoreRequest(t, trace=True) for t in texts]).results
@@ -82,8 +82,41 @@ def test_cheaper_precisions_stay_close_to_fp32(tiny_artifacts, precision: str, b
         assert c.trace[-1] == pytest.approx(c.probability, abs=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_is_batch_invariant_bit_for_bit(tiny_artifacts, threads: int) -> None:
+    """A text's bf16 probability, trace and explanation are the same bits alone, beside longer and
+    shorter neighbours (so at any padding) and in batches of any size, on one torch thread or two."""
+    import random
+
+    import torch
+
+    from sentiment.artifacts import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no AVX-512 BF16 or AMX (see test_bf16_is_refused_without_bf16_instructions)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        engine = SentimentEngine.load(tiny_artifacts, "cpu", precision="bf16")
+        rng = random.Random(threads)
+        words = ["good", "bad", "film", "movie", "great", "awful", "the", "was", ",", ".", "not", "plot"]
+        texts = [" ".join(rng.choices(words, k=rng.randint(1, 120))) for _ in range(70)]
+        alone = [engine.score([ScoreRequest(t, trace=True)]).results[0] for t in texts]
+        for size in (2, 17, 64):
+            order = rng.sample(range(len(texts)), size)
+            batch = engine.score([ScoreRequest(texts[i], trace=True) for i in order]).results
+            for i, got in zip(order, batch):
+                assert got.probability == alone[i].probability and got.trace == alone[i].trace
+        explained = ScoreRequest(texts[3], explain=True)
+        solo = engine.score([explained]).results[0].explanation
+        mixed = engine.score([ScoreRequest(texts[5]), explained, ScoreRequest(texts[9], trace=True)]).results[1].explanation
+        assert solo == mixed
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unknown_precision_is_refused(tiny_artifacts) -> None:
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
+    with pytest.raises(ValueError, match="precision must be auto or one of fp32, bf16, int8"):
         SentimentEngine.load(tiny_artifacts, "cpu", precision="fp8")
 
 
@@ -103,9 +136,9 @@ def test_warm_up_caches_the_vocabulary_words_and_changes_no_token(tiny_artifacts
 
     engine = SentimentEngine.load(tiny_artifacts, "cpu")
     words = engine.artifacts.vocab.itos[2:]
-    assert not set(words) & engine.encoder.tokenizer.cached_words
+    assert not set(words) & set(engine.encoder.tokenizer.cached_words)
     engine.warm_up()
-    assert set(words) <= engine.encoder.tokenizer.cached_words
+    assert set(words) <= set(engine.encoder.tokenizer.cached_words)
     texts = [" ".join(words[i:i + 7]) + "!" for i in range(0, len(words), 7)]
-    plain = Tokenizer(engine.artifacts.vocab.settings, keep_frequent_words=False)
-    assert engine.encoder.tokenizer.tokenize_many(texts) == plain.tokenize_many(texts)
+    plain = Tokenizer(engine.artifacts.vocab.settings, keep_recent_words=False)
+    assert engine.encoder.tokenizer.tokenize_many(texts) == [plain.tokenize_whole(t) for t in texts]

@@ -33,7 +33,7 @@ def direct_probability(engine: SentimentEngine, ids: list[int]) -> float:
     """The model alone on one sequence (batch of one, no engine bucketing)."""
     with torch.inference_mode():
         padded, lengths = pad_batch([ids])
-        return float(engine.artifacts.model(padded, lengths)[0][0])
+        return float(engine.model(padded, lengths)[0][0])
 
 
 def test_attribution_is_the_probability_minus_the_probability_without_the_token(client: TestClient,

@@ -122,38 +122,55 @@ def test_a_flood_of_new_words_does_not_grow_the_string_store() -> None:
 
 TRICKY = ["I don't think it's \"great\"... (8/10)", "Can't, won't, cannot; gonna see it AGAIN!!!",
           "U.S. release: e-mail me at x@y.com :) http://imdb.com/title/tt0111161/", "Ms. Smith's 2nd film -- meh.",
-          "ROFL!!! 10/10, A+ ... 'nuff said", "naïve café-owner's déjà vu; “smart” quotes — dashes", "It's... it's  OK?"]
+          "ROFL!!! 10/10, A+ ... 'nuff said", "naïve café-owner's déjà vu; “smart” quotes — dashes", "It's... it's  OK?",
+          "read - ' ''And then", "film. Of course :) :-) ;) x' ''y O.O (: :(", "a.m. 10a.m. b'' ''c '' ''"]
 
 
-def test_kept_frequent_words_change_no_token() -> None:
-    """Words promoted to spaCy's lasting cache tokenise exactly as from scratch (every case,
-    contraction, URL and punctuation run above, repeated so that they are promoted)."""
-    plain = Tokenizer(TokenizerSettings(), keep_frequent_words=False)
+def test_memoised_words_change_no_token() -> None:
+    """Words looked up in the memo tokenise exactly as spaCy over the whole text (every case,
+    contraction, URL, emoticon and quote run above, repeated so that they are memoised)."""
+    plain = Tokenizer(TokenizerSettings(), keep_recent_words=False)
     cached = Tokenizer(TokenizerSettings())
-    cached.PROMOTE_EVERY_TEXTS = 2 * len(TRICKY)  # promote after every second pass (each word seen twice)
-    expected = plain.tokenize_many(TRICKY)
-    for _ in range(4):
+    expected = [cached.tokenize_whole(t) for t in TRICKY]
+    assert plain.tokenize_many(TRICKY) == expected
+    for _ in range(3):
         assert cached.tokenize_many(TRICKY) == expected
-    assert {"don't", "(8/10)", "AGAIN!!!", "x@y.com", "déjà"} <= cached.cached_words
+    assert {"don't", "(8/10)", "AGAIN!!!", "x@y.com", "déjà"} <= set(cached.cached_words)
     assert not plain.cached_words
 
 
-def test_the_lasting_cache_is_bounded() -> None:
+def test_neighbouring_words_that_spacy_tokenises_together_stay_together() -> None:
+    """spaCy matches some special cases (``''``, emoticons) over the whole text: ``''And`` alone is
+    ``''`` ``and``, but after a lone ``'`` it is ``'`` ``'`` ``and``. Random joins of such fragments,
+    memoised or not, tokenise as the whole text does."""
+    import random
+
+    fragments = ["'", "''", "''And", "x'", "'s", ":", ")", ":)", "(", "-", ".", "O", "O.O", "D", "film.", "Of",
+                 "a.m.", "b''", "''c", "8", ":-", "o", "*", "^_^", "'em", "don't", "!", "...", "''''"]
+    rng = random.Random(7)
+    cached = Tokenizer(TokenizerSettings())
+    for _ in range(300):
+        separator = rng.choice([" ", " ", " ", "  ", "\n"])
+        text = separator.join(rng.choices(fragments, k=rng.randint(1, 8)))
+        assert cached.tokenize(text) == cached.tokenize_whole(text), text
+
+
+def test_the_memo_is_bounded() -> None:
     import random
     import string
 
     tokenizer = Tokenizer(TokenizerSettings())
-    tokenizer.PROMOTE_EVERY_TEXTS, tokenizer.CACHE_WORDS, tokenizer.WINDOW_WORDS = 10, 50, 300
-    tokenizer.PROMOTE_PER_CALL = 7
+    tokenizer.CACHE_WORDS = 50
+    tokenizer.cache_words(["good", "film"])  # kept through every reset
     rng = random.Random(1)
-    for _ in range(40):  # every word twice in its window: all would qualify
+    for _ in range(40):
         words = ["".join(rng.choices(string.ascii_lowercase, k=8)) for _ in range(40)]
-        tokenizer.tokenize_many([" ".join(words)] * 2 + ["filler"] * 8)
-        assert len(tokenizer._window) <= 300 + 40
-    assert len(tokenizer.cached_words) == 50
+        assert tokenizer.tokenize_many([" ".join(words), "good film"])[1] == ["good", "film"]
+        assert len(tokenizer.cached_words) <= 50
+        assert {"good", "film"} <= set(tokenizer.cached_words)
 
 
-def test_kept_words_change_no_token_on_real_reviews() -> None:
+def test_memoised_words_change_no_token_on_real_reviews() -> None:
     """A sample of IMDB train and test reviews (``benchmarks/tokenizer_cache.py`` checks all of them)."""
     from tests.conftest import REPO
 
@@ -164,11 +181,9 @@ def test_kept_words_change_no_token_on_real_reviews() -> None:
 
     data = read_imdb(archive, ("train", "test"))
     texts = [r.text for r in data["train"][::250] + data["test"][::250]]  # 200 reviews
-    plain = Tokenizer(TokenizerSettings(), keep_frequent_words=False)
     cached = Tokenizer(TokenizerSettings())
-    cached.PROMOTE_EVERY_TEXTS = 50
-    expected = plain.tokenize_many(texts)
+    expected = [cached.tokenize_whole(t) for t in texts]
     assert [cached.tokenize_many(texts[i:i + 10]) for i in range(0, 200, 10)] == [
-        expected[i:i + 10] for i in range(0, 200, 10)]  # promotes as it goes
+        expected[i:i + 10] for i in range(0, 200, 10)]  # memoises as it goes
     assert len(cached.cached_words) > 1000
-    assert cached.tokenize_many(texts) == expected  # now mostly from the cache
+    assert cached.tokenize_many(texts) == expected  # now mostly from the memo
