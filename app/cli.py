@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.accuracy is not None:
         lines.append(f"accuracy {summary.accuracy:.4f} on {summary.labelled} labelled reviews")
     where = f"{summary.workers} model worker{'s' * (summary.workers != 1)}" if summary.workers else "this process"
-    lines.append(f"model {summary.model} on {where}: start-up "
+    lines.append(f"model {summary.model} ({summary.precision}) on {where}: start-up "
                  f"{summary.startup_seconds:.1f}s, {done} rows in {summary.scoring_seconds:.1f}s "
                  f"({summary.rows_per_s:.1f} rows/s)")
     print("\n".join(lines))

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update({
         "offline_ceiling": {"before": before, "after": after, "mean_reviews_per_s": ceiling},
         "bulk": {"rows": summary["rows"], "errors": summary["errors"], "workers": summary["workers"],
+                 "precision": summary["precision"],
                  "reviews_per_s": summary["rows_per_s"], "startup_s": summary["startup_seconds"],
                  "scoring_s": summary["scoring_seconds"], "wall_s": wall,
                  "wall_reviews_per_s": summary["rows"] / wall, "accuracy": correct / len(scored)},

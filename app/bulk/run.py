@@ -60,6 +60,7 @@ class Summary:
     correct: int = 0
     resumed_from: int = 0
     model: str = ""
+    precision: str = ""  # the forward pass's arithmetic (fp32, bf16, int8)
     workers: int = 0
     startup_seconds: float = 0.0
     scoring_seconds: float = 0.0  # from the model being ready to the last row committed
@@ -170,7 +171,8 @@ class BulkRun:
         try:
             if scorer is None:
                 scorer = _service_scorer(settings, failure)
-                self.summary.model = scorer.start().version
+                model = scorer.start()
+                self.summary.model, self.summary.precision = model.version, model.precision
             self.summary.workers = getattr(scorer, "count", 0)
             total = self.source.count()
             self.summary.startup_seconds = time.perf_counter() - started
