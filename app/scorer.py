@@ -172,7 +172,7 @@ class InProcessScorer:
         for i, r in enumerate(requests):
             groups.setdefault(r.version or served, []).append(i)
         results: list = [None] * len(requests)
-        merged = ScoredBatch(results)
+        parts = []
         for version, indices in groups.items():
             engine, lock = self._engines.get(version, (None, None))
             if engine is None or lock is None:  # freed meanwhile: only requests that already left had it
@@ -180,14 +180,8 @@ class InProcessScorer:
                     results[i] = BatchLostError(f"model version {version!r} is no longer loaded")
                 continue
             with lock:
-                part = engine.score([requests[i] for i in indices])
-            for i, result in zip(indices, part.results):
-                results[i] = result
-            merged.tokenize_seconds += part.tokenize_seconds
-            merged.forward_seconds += part.forward_seconds
-            merged.forward_passes += part.forward_passes
-        merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-        return merged
+                parts.append((indices, engine.score([requests[i] for i in indices])))
+        return ScoredBatch.assemble(results, parts)
 
     def add_version(self, artifacts_dir: str, version: str, shadow: bool = False) -> ModelSummary:
         settings = self.settings.model_copy(update={"artifacts_dir": Path(artifacts_dir)})

@@ -125,17 +125,10 @@ class WorkerPool(VersionedWorkers):
             groups.setdefault(r.version or self.model.version, []).append(i)
         if len(groups) == 1:  # almost always: one version serves
             return self._score_version(next(iter(groups)), requests, retry)
-        results: list = [None] * len(requests)  # a batch formed while the served version changed
-        merged = ScoredBatch(results)
-        for version, indices in groups.items():
-            part = self._score_version(version, [requests[i] for i in indices], retry)
-            for i, result in zip(indices, part.results):
-                results[i] = result
-            merged.tokenize_seconds += part.tokenize_seconds
-            merged.forward_seconds += part.forward_seconds
-            merged.forward_passes += part.forward_passes
-        merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-        return merged
+        # A batch formed while the served version changed: each version's requests on its own workers.
+        return ScoredBatch.assemble([None] * len(requests), [
+            (indices, self._score_version(version, [requests[i] for i in indices], retry))
+            for version, indices in groups.items()])
 
     def _score_version(self, version: str, requests: list[ScoreRequest], retry: bool) -> ScoredBatch:
         if version not in self._idle and not self._closed:  # outlived its version (freed after the request timeout)
@@ -164,15 +157,7 @@ class WorkerPool(VersionedWorkers):
                     parts.append(([i], again))
                 else:
                     results[i] = self._remember_poison(requests[i].text, again)
-        merged = ScoredBatch(results)
-        for indices, batch in parts:
-            for i, result in zip(indices, batch.results):
-                results[i] = result
-            merged.tokenize_seconds += batch.tokenize_seconds
-            merged.forward_seconds += batch.forward_seconds
-            merged.forward_passes += batch.forward_passes
-        merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-        return merged
+        return ScoredBatch.assemble(results, parts)
 
     # ---- one batch on one worker --------------------------------------------------------------
     def _attempt(self, version: str, requests: list[ScoreRequest]) -> ScoredBatch | str:

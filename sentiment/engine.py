@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -129,6 +129,20 @@ class ScoredBatch:
     forward_seconds: float = 0.0
     forward_passes: int = 0
     errors: list[int] = field(default_factory=list)  # indices whose result is an exception
+
+    @classmethod
+    def assemble(cls, results: list[Any], parts: Iterable[tuple[Sequence[int], "ScoredBatch"]]) -> "ScoredBatch":
+        """One batch from parts scored separately: each part's results go to its ``indices`` in
+        ``results`` (slots it does not cover keep what they hold), and its times add up."""
+        merged = cls(results)
+        for indices, part in parts:
+            for i, result in zip(indices, part.results):
+                results[i] = result
+            merged.tokenize_seconds += part.tokenize_seconds
+            merged.forward_seconds += part.forward_seconds
+            merged.forward_passes += part.forward_passes
+        merged.errors = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        return merged
 
 
 def _isolated(step: Callable[[list[T]], Sequence[R]], items: Sequence[T], what: str) -> list[R | Exception]:
