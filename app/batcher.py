@@ -79,6 +79,8 @@ class MicroBatcher(Generic[T, R]):
         max_queue_cost: float = math.inf,
         max_batch_cost: float = math.inf,
         max_in_flight: int = 1,
+        batch_lane_share: float = 0.2,
+        batch_lane_batch_cost: float = math.inf,
     ) -> None:
         if (max_batch_size < 1 or max_queue < 1 or max_in_flight < 1 or max_wait_s < 0 or max_queue_cost <= 0
                 or max_batch_cost <= 0):
@@ -92,7 +94,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_cost = max_batch_cost
         self.max_in_flight = max_in_flight
         self._on_batch = on_batch
-        self._queue: LaneQueue[T] = LaneQueue()
+        self._queue: LaneQueue[T] = LaneQueue(batch_lane_share, batch_lane_batch_cost)
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from app.batcher import BatchProcessor, MicroBatcher
 from app.errors import ApiError, Errors
+from app.lanes import LANES, Lane
 from app.metrics import ServiceMetrics
 from app.resources import resident_bytes, tune_gc
 from app.scorer import EngineFactory, ModelSummary, build_scorer
@@ -51,9 +52,9 @@ class Lifecycle:
         # Loads the model off the event loop; then one thread per batch slot waits on the scorer.
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._batch_threads = ThreadPoolExecutor(self.scorer.slots, thread_name_prefix="batch")
-        metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
-        metrics.queue_cost.set_function(lambda: self.batcher.queued_cost if self.batcher else 0)
-        metrics.estimated_wait.set_function(lambda: self.batcher.estimated_wait_s() if self.batcher else 0)
+        metrics.queue_depth.set_function(lambda: self._by_lane(lambda b, lane: b.lanes.depth_of(lane)))
+        metrics.queue_cost.set_function(lambda: self._by_lane(lambda b, lane: b.lanes.cost_of(lane)))
+        metrics.estimated_wait.set_function(lambda: self._by_lane(lambda b, lane: b.estimated_wait_s(0, lane)))
         metrics.ready.set_function(lambda: 1.0 if self.is_ready() else 0.0)
         metrics.resident_memory.set_function(lambda: resident_bytes() + self.scorer.resident_bytes())
 
@@ -73,7 +74,8 @@ class Lifecycle:
         self.batcher = MicroBatcher(process, self._batch_threads, max_batch_size=s.max_batch_size,
                                     max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue, max_queue_cost=s.max_queue_cost,
                                     on_batch=self._observe_batch, max_batch_cost=s.max_batch_cost,
-                                    max_in_flight=self.scorer.slots)
+                                    max_in_flight=self.scorer.slots, batch_lane_share=s.batch_lane_share,
+                                    batch_lane_batch_cost=s.batch_lane_batch_cost)
         self.batcher.start()
         assert self.batcher.task is not None
         self.batcher.task.add_done_callback(self._on_batcher_exit)
@@ -89,6 +91,11 @@ class Lifecycle:
         self.metrics.model_info.info({"version": model.version, "device": model.device, "precision": model.precision,
                                       "workers": str(model.workers), "vocab_size": str(model.vocab_size),
                                       "test_accuracy": str(test_accuracy)})
+
+    def _by_lane(self, read: Callable[[MicroBatcher, Lane], float]) -> dict[str, float]:
+        """A queue gauge's value for each lane (0 before the batcher exists)."""
+        batcher = self.batcher
+        return {lane: read(batcher, lane) if batcher is not None else 0.0 for lane in LANES}
 
     def _fail(self, detail: str) -> None:
         """Serving is impossible (load failed, the batcher died, a worker cannot be replaced):

@@ -22,23 +22,20 @@ PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 
 class LaneGauge(Collector):
     """A gauge with one series per queue lane (``lane="interactive"|"batch"``), read when scraped.
 
-    ``set_function`` takes a function of no arguments returning ``{lane: value}``; one returning a
-    single number (a total, as :class:`app.lifecycle.Lifecycle` registers before the service, which
-    knows the lanes, replaces it) is exported as ``lane="all"``.
+    ``set_function`` takes a function of no arguments returning ``{lane: value}``.
     """
 
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
         self.name, self.documentation = name, documentation
-        self._read: Callable[[], float | Mapping[str, float]] = lambda: {lane: 0.0 for lane in LANES}
+        self._read: Callable[[], Mapping[str, float]] = lambda: {lane: 0.0 for lane in LANES}
         registry.register(self)
 
-    def set_function(self, read: Callable[[], float | Mapping[str, float]]) -> None:
+    def set_function(self, read: Callable[[], Mapping[str, float]]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(self.name, self.documentation, labels=["lane"])
-        values = self._read()
-        for lane, value in (values.items() if isinstance(values, Mapping) else [("all", values)]):
+        for lane, value in self._read().items():
             family.add_metric([lane], float(value))
         yield family
 

@@ -25,9 +25,9 @@ from typing import Awaitable, Callable, Sequence
 from starlette.concurrency import run_in_threadpool
 
 from app.admission import Plan, plan, text_problems, validate_texts
-from app.batcher import BatcherClosedError, MicroBatcher, QueueFullError
+from app.batcher import BatcherClosedError, QueueFullError
 from app.errors import ApiError, ErrorKind, Errors
-from app.lanes import INTERACTIVE, LANES, DeadlineExceededError, Lane
+from app.lanes import INTERACTIVE, DeadlineExceededError, Lane
 from app.lifecycle import Lifecycle, State
 from app.logs import note_explained, note_texts
 from app.metrics import ServiceMetrics
@@ -57,20 +57,10 @@ class SentimentService:
         self.control = ModelControl(settings, self.lifecycle, metrics, self.pins)
         # id(ScoreRequest) → its traced request's timings, while it waits (empty unless tracing is on).
         self._traced: dict[int, RequestTimings] = {}
-        # The queue gauges by lane (the lifecycle registered totals; this replaces them).
-        metrics.queue_depth.set_function(lambda: self._by_lane(lambda b, lane: b.lanes.depth_of(lane)))
-        metrics.queue_cost.set_function(lambda: self._by_lane(lambda b, lane: b.lanes.cost_of(lane)))
-        metrics.estimated_wait.set_function(lambda: self._by_lane(lambda b, lane: b.estimated_wait_s(0, lane)))
-
-    def _by_lane(self, read: Callable[[MicroBatcher, Lane], float]) -> dict[str, float]:
-        batcher = self.lifecycle.batcher
-        return {lane: read(batcher, lane) if batcher is not None else 0.0 for lane in LANES}
 
     # The life cycle, as the app's lifespan and the tests drive it.
     async def start(self) -> None:
         await self.lifecycle.start(self.score_batch)
-        if self.batcher is not None:  # before any request can reach it (the lifecycle knows no lanes)
-            self.batcher.lanes.configure(self.settings.batch_lane_share, self.settings.batch_lane_batch_cost)
 
     async def shutdown(self) -> None:
         self.control.close()

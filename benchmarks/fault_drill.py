@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from app.process import ServiceProcess
-from benchmarks.run import REPO, load_reviews
+from benchmarks.run import REPO, load_reviews, parse_metrics
 
 
 def worker_pids(front: int) -> list[int]:
@@ -117,11 +117,8 @@ def deadline_client(base_url: str, reviews: list[str], seconds: float, timeout_m
 
 def metric_sum(base_url: str, name: str) -> float:
     """The sum of a metric's samples named exactly ``name`` (any labels)."""
-    total = 0.0
-    for line in httpx.get(base_url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    samples = parse_metrics(httpx.get(base_url + "/metrics").text)
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
 def wait_for(predicate: Any, timeout_s: float, step_s: float = 0.05) -> float | None:
@@ -135,10 +132,7 @@ def wait_for(predicate: Any, timeout_s: float, step_s: float = 0.05) -> float | 
 
 
 def workers_ready(base_url: str) -> float:
-    for line in httpx.get(base_url + "/metrics").text.splitlines():
-        if line.startswith("sentiment_workers_ready "):
-            return float(line.split()[1])
-    return 0.0
+    return metric_sum(base_url, "sentiment_workers_ready")
 
 
 def main(argv: list[str] | None = None) -> int:

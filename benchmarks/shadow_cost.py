@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from app.process import ServiceProcess
-from benchmarks.run import REPO, load_reviews
+from benchmarks.run import REPO, load_reviews, parse_metrics
 
 ADMIN = "bench-admin-key"
 
@@ -55,12 +55,8 @@ def closed_loop(base_url: str, reviews: list[str], clients: int, seconds: float)
 
 
 def metrics(base_url: str, prefix: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in httpx.get(base_url + "/metrics").text.splitlines():
-        if line.startswith(prefix) and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    samples = parse_metrics(httpx.get(base_url + "/metrics").text)
+    return {k: v for k, v in samples.items() if k.startswith(prefix)}
 
 
 def main(argv: list[str] | None = None) -> int:

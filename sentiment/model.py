@@ -32,6 +32,15 @@ class ModelConfig:
         return cls(int(vocab_size), int(embedding_dim), int(state["lstm.weight_hh_l0"].shape[1]), layers)
 
 
+def read_out(probs: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    """From per-step probabilities (B, T) and lengths (B,): the probability at each text's last real
+    token (B,), and the per-step probabilities with those past a text's length set to 0, so that
+    padding is never read as a prediction (B, T)."""
+    last = probs.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (B,)
+    positions = torch.arange(probs.size(1), device=probs.device).unsqueeze(0)  # (1, T)
+    return last, probs.masked_fill(positions >= lengths.unsqueeze(1), 0.0)
+
+
 class SentimentLSTM(nn.Module):
     """A unidirectional LSTM whose sigmoid output after each token is the running sentiment.
 
@@ -66,12 +75,7 @@ class SentimentLSTM(nn.Module):
         Per-step probabilities past a text's length are set to 0 so that padding is never read as
         a prediction.
         """
-        probs = torch.sigmoid(self.step_logits(ids))  # (B, T)
-        last_index = (lengths - 1).clamp(min=0).unsqueeze(1)  # (B, 1)
-        last = probs.gather(1, last_index).squeeze(1)  # (B,)
-        positions = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # (1, T)
-        probs = probs.masked_fill(positions >= lengths.unsqueeze(1), 0.0)  # (B, T)
-        return last, probs
+        return read_out(torch.sigmoid(self.step_logits(ids)), lengths)  # (B, T) probabilities
 
 
 class ExactMixedPrecision(nn.Module):
@@ -99,10 +103,7 @@ class ExactMixedPrecision(nn.Module):
             h, _ = self.model.lstm(self.model.embedding(ids))  # (B, T, H) in bf16
         # float64 through the sigmoid too: its vectorised and scalar (tail) code differ in the last
         # bit, and which elements are a row's tail depends on the batch's size.
-        probs = torch.sigmoid(h.double() @ self.weight + self.bias).float()  # (B, T)
-        last = probs.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (B,)
-        positions = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)  # (1, T)
-        return last, probs.masked_fill(positions >= lengths.unsqueeze(1), 0.0)
+        return read_out(torch.sigmoid(h.double() @ self.weight + self.bias).float(), lengths)  # (B, T)
 
 
 def pad_batch(id_lists: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:

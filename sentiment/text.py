@@ -6,12 +6,13 @@ keeps its imports light (no torch, no training-only libraries).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, KeysView, Sequence
+from typing import Iterable, KeysView, Sequence
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
@@ -91,27 +92,23 @@ def cut_words(cleaned: str, keep: int, keep_end: bool = True) -> tuple[str, int]
     return cleaned[: starts[keep]], len(starts) - keep
 
 
-_CROSS_PAIRS: dict[int, frozenset[tuple[str, str]]] = {}
+@functools.lru_cache(maxsize=None)
+def _cross_pairs(language: str) -> frozenset[tuple[str, str]]:
+    """Character pairs (last of one piece, first of the next) at which one of the language's
+    tokenizer special cases that it splits into several tokens (``''`` → ``'`` ``'``, ``:)``, ``O.O``)
+    could match across a space. spaCy applies those with a matcher over the whole text, so there,
+    and only there, a word's tokens can depend on its neighbour. Computed once per language."""
+    import spacy
+    from spacy.tokenizer import Tokenizer as SpacyTokenizer
 
-
-def _cross_pairs(nlp: Any) -> frozenset[tuple[str, str]]:
-    """Character pairs (last of one piece, first of the next) at which one of the tokenizer's
-    special cases that it splits into several tokens (``''`` → ``'`` ``'``, ``:)``, ``O.O``) could
-    match across a space. spaCy applies those with a matcher over the whole text, so there, and only
-    there, a word's tokens can depend on its neighbour; computed once per tokenizer."""
-    key = id(nlp.tokenizer)
-    if key not in _CROSS_PAIRS:
-        from spacy.tokenizer import Tokenizer as SpacyTokenizer
-
-        t = nlp.tokenizer
-        plain = SpacyTokenizer(nlp.vocab, rules={}, prefix_search=t.prefix_search, suffix_search=t.suffix_search,
-                               infix_finditer=t.infix_finditer, token_match=t.token_match, url_match=t.url_match)
-        pairs = set()
-        for case in t.rules:
-            parts = [token.text for token in plain(case)]
-            pairs.update((a[-1], b[0]) for a, b in zip(parts, parts[1:]) if a and b)
-        _CROSS_PAIRS[key] = frozenset(pairs)
-    return _CROSS_PAIRS[key]
+    t = spacy.blank(language).tokenizer
+    plain = SpacyTokenizer(t.vocab, rules={}, prefix_search=t.prefix_search, suffix_search=t.suffix_search,
+                           infix_finditer=t.infix_finditer, token_match=t.token_match, url_match=t.url_match)
+    pairs = set()
+    for case in t.rules:
+        parts = [token.text for token in plain(case)]
+        pairs.update((a[-1], b[0]) for a, b in zip(parts, parts[1:]) if a and b)
+    return frozenset(pairs)
 
 
 class Tokenizer:
@@ -140,6 +137,7 @@ class Tokenizer:
 
         self.settings = settings
         self._nlp = spacy.blank(settings.spacy_language)
+        self._pairs = _cross_pairs(settings.spacy_language)
         self._keep_recent = keep_recent_words
         self._pinned: dict[str, tuple[str, ...]] = {}  # cache_words' words → tokens: always kept
         self._memo: dict[str, tuple[str, ...]] = {}  # the pinned ones and recent ones
@@ -181,7 +179,7 @@ class Tokenizer:
         space where a special case could match across that space (e.g. ``'`` then ``''And``) stay
         together."""
         words = text.split()
-        pairs = _cross_pairs(self._nlp)
+        pairs = self._pairs
         if not any((a[-1], b[0]) in pairs for a, b in zip(words, words[1:])):
             return words
         units: list[str] = []
