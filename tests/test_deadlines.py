@@ -199,3 +199,27 @@ async def test_the_batcher_drops_expired_items_instead_of_handing_them_out() -> 
         assert all(isinstance(o, DeadlineExceededError) for o in outcomes)
         assert handed == ["running", "alive"] and batcher.depth == 0
         await batcher.stop()
+
+
+def test_a_deadline_holds_in_worker_mode_while_every_worker_is_frozen(tiny_artifacts) -> None:
+    """As users run it (``python -m app``, model workers): with both workers frozen, a request with
+    ``timeout_ms`` gets 504 deadline_exceeded at its deadline, not after the batch deadline."""
+    import os
+    import signal
+
+    import httpx
+
+    from app.process import ServiceProcess
+    from tests.test_workers import worker_pids
+
+    with ServiceProcess(tiny_artifacts, {"SENTIMENT_WORKERS": "2"}) as server:
+        pids = worker_pids(server.proc.pid)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            r = httpx.post(server.base_url + "/v1/predict", json={"texts": ["a great film"], "timeout_ms": 300}, timeout=30)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+        assert httpx.post(server.base_url + "/v1/predict", json={"texts": ["a great film"]}, timeout=60).status_code == 200
