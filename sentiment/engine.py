@@ -198,7 +198,8 @@ class SentimentEngine:
         if precision == "int8" and self.device.type != "cpu":
             raise ValueError("int8 precision runs on CPU only; use fp32 or bf16 on CUDA")
         eager = SentimentLSTM(ModelConfig.of_weights(self._weights))  # the card need not describe it
-        eager.load_state_dict({k: v.float() for k, v in self._weights.items()})
+        # assign: the twin holds the loaded model's own tensors (already fp32, on the device), not copies.
+        eager.load_state_dict({k: v.float() for k, v in self._weights.items()}, assign=True)
         eager.to(self.device).eval()
         if precision == "bf16":
             return ExactMixedPrecision(eager, torch.bfloat16)
