@@ -20,13 +20,15 @@ schedule, checkpoints and the time box.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from sentiment.batching import length_buckets
 from sentiment.model import ModelConfig, SentimentLSTM, pad_batch
+from training.adversarial import (NormalisedEmbedding, bake, fold_normalisation, last_logit, plain_embedding,
+                                  step_logits_from_embeddings, virtual_adversarial_loss)
 from training.loop import LRSchedule, PhasePlan, Position, TrainingLoop, TrainingPhase, training_seconds
 from training.state import RunState, TimeBox, model_device
 
@@ -49,20 +51,14 @@ class FineTuneConfig:
     ema_decay: float = 0.998
     adv_eps: float = 0.0
     adv_weight: float = 1.0
+    normalise_embeddings: bool = False  # the LSTM reads frequency-normalised embeddings (training.adversarial)
+    vat_eps: float = 0.0  # virtual adversarial training on unlabelled reviews (0: off)
+    vat_weight: float = 1.0
+    vat_xi: float = 0.1  # norm of the power iteration's random start
     aux_weight: float = 0.2
     clip: float = 1.0
     bf16: bool = False
     log_every: int = 100
-
-
-def step_logits_from_embeddings(model: SentimentLSTM, emb: torch.Tensor) -> torch.Tensor:
-    """The model's per-step logits from already-embedded input: (B, T, E) → (B, T).
-
-    The same computation as :meth:`SentimentLSTM.step_logits` after its embedding lookup, so a
-    perturbation can be added to the embeddings in between.
-    """
-    h, _ = model.lstm(model.dropout(emb))  # (B, T, H)
-    return model.head(model.dropout(h)).squeeze(-1)  # (B, T)
 
 
 def sentiment_loss(step: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
@@ -73,7 +69,7 @@ def sentiment_loss(step: torch.Tensor, lengths: torch.Tensor, labels: torch.Tens
     helps a long LSTM train and makes the trace meaningful early in a review. Returns (loss, last logits (B,)).
     """
     step = step.float()
-    last = step.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # (B,)
+    last = last_logit(step, lengths)  # (B,)
     loss = F.binary_cross_entropy_with_logits(last, labels)
     if aux_weight > 0:
         mask = (torch.arange(step.size(1), device=step.device).unsqueeze(0) < lengths.unsqueeze(1)).float()  # (B, T)
@@ -109,7 +105,9 @@ def training_loss(model: SentimentLSTM, ids: torch.Tensor, lengths: torch.Tensor
         parts = {"clean": clean.detach(), "last": last.detach()}
         if cfg.adv_eps <= 0:
             return clean, parts
-        scale = float(model.embedding.weight.detach()[1:].float().std())
+        # Normalised embeddings are in the paper's units already; raw ones are scaled by their spread.
+        normalised = isinstance(model.embedding, NormalisedEmbedding)
+        scale = 1.0 if normalised else float(model.embedding.weight.detach()[1:].float().std())
         r = adversarial_perturbation(clean, emb, cfg.adv_eps, scale)
         adv, _ = sentiment_loss(step_logits_from_embeddings(model, emb + r.to(emb.dtype)), lengths, labels,
                                 cfg.aux_weight)
@@ -134,6 +132,7 @@ class FineTuneTally:
 
     loss_sum: float = 0.0
     adv_sum: float = 0.0
+    vat_sum: float = 0.0  # VAT loss × unlabelled batches (a batch mean each)
     correct: int = 0
     seen: int = 0
 
@@ -145,9 +144,20 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
     extendable = False  # its final checkpoint holds the average, not the weights it trains
 
     def __init__(self, model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cfg: FineTuneConfig,
-                 seed: int, evaluate: Callable[[SentimentLSTM], dict]) -> None:
+                 seed: int, evaluate: Callable[[SentimentLSTM], dict], unlabelled: Sequence[Sequence[int]] = (),
+                 freqs: torch.Tensor | None = None) -> None:
         self.model, self.cfg, self.seed, self.evaluate = model, cfg, seed, evaluate
         self.ids, self.labels = train
+        self.freqs = freqs
+        if cfg.normalise_embeddings:
+            if freqs is None:
+                raise ValueError("normalised embeddings need the word frequencies")
+            fold_normalisation(model, freqs)  # before the optimizer sees the parameters
+        if cfg.vat_eps > 0 and not unlabelled:
+            raise ValueError("virtual adversarial training needs unlabelled reviews")
+        self.unlabelled = unlabelled
+        self.unlabelled_lengths = [len(x) for x in unlabelled]
+        self.unlabelled_batches: list[list[int]] = []
         self.groups = parameter_groups(model)
         # The head gets ``lr``, each group below it ``group_decay`` times less (ULMFiT).
         self.optimizer = torch.optim.AdamW(
@@ -184,6 +194,9 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
 
     def start_epoch(self, position: Position[FineTuneTally]) -> int:
         self.batches = length_buckets(self.lengths, self.cfg.batch_size, seed=self.seed + position.epoch)
+        if self.cfg.vat_eps > 0:  # a new draw of unlabelled batches every epoch, reproducible from the epoch
+            self.unlabelled_batches = length_buckets(self.unlabelled_lengths, self.cfg.batch_size,
+                                                     seed=self.seed + 7919 * position.epoch)
         self.trainable = unfrozen_groups(position.epoch, self.cfg.gradual_unfreezing)
         for i, (_, ps) in enumerate(self.groups):
             for p in ps:
@@ -203,6 +216,14 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
         tally.adv_sum += float(parts.get("adversarial", 0.0)) * len(batch)
         tally.correct += int(((parts["last"] > 0).float() == y).sum())
         tally.seen += len(batch)
+        if self.cfg.vat_eps > 0:
+            pick = self.unlabelled_batches[position.batch % len(self.unlabelled_batches)]
+            u_ids, u_lens = pad_batch([list(self.unlabelled[i]) for i in pick])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                vat = virtual_adversarial_loss(self.model, u_ids.to(device), u_lens.to(device), self.cfg.vat_eps,
+                                               self.cfg.vat_xi)
+            tally.vat_sum += float(vat.detach()) * len(batch)
+            loss = loss + self.cfg.vat_weight * vat
         return loss
 
     def after_step(self, position: Position[FineTuneTally]) -> None:
@@ -216,6 +237,7 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
     def progress(self, position: Position[FineTuneTally]) -> str:
         t = position.tally
         return (f"clean loss {t.loss_sum / t.seen:.4f}, adversarial {t.adv_sum / t.seen:.4f}, "
+                f"vat {t.vat_sum / t.seen:.4f}, "
                 f"acc {t.correct / t.seen:.4f}, {t.seen / position.seconds:.0f} reviews/s")
 
     def end_epoch(self, position: Position[FineTuneTally]) -> dict:
@@ -225,6 +247,7 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
         frozen = len(self.groups) - self.trainable
         return {"trainable_groups": [name for name, _ in self.groups[frozen:]],
                 "train_loss": round(t.loss_sum / seen, 5), "train_adversarial_loss": round(t.adv_sum / seen, 5),
+                **({"train_vat_loss": round(t.vat_sum / seen, 5)} if self.cfg.vat_eps > 0 else {}),
                 "train_accuracy": round(t.correct / seen, 5),
                 "val_accuracy": raw["accuracy"], "val_accuracy_ema": avg["accuracy"],
                 "seconds": round(position.seconds, 1),
@@ -233,28 +256,38 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
     def averaged(self) -> SentimentLSTM:
         """A copy of the model holding the weight average."""
         copy = SentimentLSTM(model_config(self.model))
-        copy.load_state_dict(self.ema)
+        copy.load_state_dict(self.final_weights())
         return copy.to(model_device(self.model))
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """The average as a plain model's weights (the normalisation baked into the embedding)."""
+        return bake(self.ema, self.freqs) if self.cfg.normalise_embeddings else self.ema
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The average is what gets exported: it goes into the model and the phase's final checkpoint."""
         for p in self.model.parameters():
             p.requires_grad_(True)
-        self.model.load_state_dict(self.ema)
-        return self.ema
+        final = self.final_weights()
+        plain_embedding(self.model)
+        self.model.load_state_dict(final)
+        return final
 
 
 def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cfg: FineTuneConfig, seed: int,
               state: RunState, timebox: TimeBox, evaluate: Callable[[SentimentLSTM], dict],
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, unlabelled: Sequence[Sequence[int]] = (),
+              freqs: torch.Tensor | None = None) -> dict:
     """Fine-tune ``model`` on ``train`` (ids, labels), resumably; leaves the EMA weights in ``model``.
 
     ``evaluate`` scores a model on the validation split (a metrics dict with ``accuracy``); it runs on
-    the raw and the averaged weights after every epoch. Raises :class:`TimeBoxReached` after a
+    the raw and the averaged weights after every epoch. ``unlabelled`` (id sequences, truncated like
+    the classifier's input) feeds virtual adversarial training; ``freqs`` (per id) the embedding
+    normalisation. Raises :class:`TimeBoxReached` after a
     checkpoint when the time box runs out. Returns the phase report for the model card.
     """
     record = state.phase(PHASE)
-    TrainingLoop(FineTunePhase(model, train, cfg, seed, evaluate), state, timebox, log).run()
+    TrainingLoop(FineTunePhase(model, train, cfg, seed, evaluate, unlabelled, freqs), state, timebox, log).run()
+    plain_embedding(model)  # a run finished earlier loaded its final (baked) weights into the wrapper
     return {"history": record["history"], "config": asdict(cfg), "exported_weights": "ema",
             "seconds": training_seconds(record["history"])}
 

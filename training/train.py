@@ -45,6 +45,7 @@ from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
 from training.data import (EncodedCorpus, Split, TokenizedCorpus, encode_corpus, load_pack, load_tokenized,
                            make_split)
+from training.adversarial import id_frequencies
 from training.evaluate import compute_metrics, predict_ids
 from training.finetune import FineTuneConfig, fine_tune
 from training.pretrain import LMConfig, lm_parts, pretrain_language_model, probe_accuracy
@@ -55,7 +56,8 @@ RECIPE = ["split", "val_fraction", "seed", "max_train", "max_tokens", "vocab_siz
           "hidden_size", "layers", "dropout", "word_vectors", "w2v_epochs", "lm_epochs", "lm_bptt", "lm_rows",
           "lm_lr", "lm_warmup_steps", "lm_weight_decay", "lm_dropout", "lm_clip", "lm_eval_tokens", "probe_reviews",
           "epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction", "ema_decay",
-          "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay", "init_from"]
+          "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay", "normalise_embeddings", "vat_eps",
+          "vat_weight", "vat_xi", "init_from"]
 # Recipe flags a continuation may change: the planned length of a phase (its schedule stretches).
 EXTENDABLE = {"lm_epochs", "epochs"}
 # A phase's own flags stay open until the phase has started (so a copy of a run's state can try
@@ -64,7 +66,8 @@ PHASE_FLAGS = {
     "lm": {"lm_bptt", "lm_rows", "lm_lr", "lm_warmup_steps", "lm_weight_decay", "lm_dropout", "lm_clip",
            "lm_eval_tokens", "probe_reviews"},
     "finetune": {"epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction",
-                 "ema_decay", "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay"},
+                 "ema_decay", "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay", "normalise_embeddings",
+                 "vat_eps", "vat_weight", "vat_xi"},
 }
 
 
@@ -147,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: on the grouped validation it made no difference, at twice the fine-tuning cost; "
                    "the shipped run used 5)")
     g.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial loss")
+    g.add_argument("--normalise-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="fine-tune on frequency-normalised embeddings (Miyato et al. 2017; folded into the LSTM at "
+                   "the start and into the embedding at export, so the exported model is unchanged in form)")
+    g.add_argument("--vat-eps", type=float, default=0.0,
+                   help="virtual adversarial training: perturbation norm per review on the unlabelled reviews "
+                   "(training part + unsup, never validation; 0: off; the paper uses 5 on normalised embeddings)")
+    g.add_argument("--vat-weight", type=float, default=1.0, help="weight of the virtual adversarial loss")
+    g.add_argument("--vat-xi", type=float, default=0.1, help="norm of VAT's random start for its power iteration")
     g.add_argument("--aux-weight", type=float, default=0.2,
                    help="weight of the loss on every timestep (target replication); the rest is on the last step")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping in fine-tuning")
@@ -402,9 +413,16 @@ def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Spl
                          gradual_unfreezing=args.gradual_unfreezing, warmup_fraction=args.warmup_fraction,
                          ema_decay=args.ema_decay, adv_eps=args.adv_eps, adv_weight=args.adv_weight,
                          aux_weight=args.aux_weight, clip=args.clip, weight_decay=args.weight_decay,
-                         bf16=use_bf16(args))
+                         normalise_embeddings=args.normalise_embeddings, vat_eps=args.vat_eps,
+                         vat_weight=args.vat_weight, vat_xi=args.vat_xi, bf16=use_bf16(args))
+    pretraining_text = [encoded.train[i] for i in split.train] + encoded.unsup  # never validation reviews
+    freqs = id_frequencies(pretraining_text, len(vocab)) if cfg.normalise_embeddings else None
+    unlabelled: list[np.ndarray] = []
+    if cfg.vat_eps > 0:  # what the classifier reads of each: its truncation policy
+        unlabelled = [np.asarray(vocab.truncate(x.tolist())[0], dtype=np.int32) for x in pretraining_text if len(x)]
+        log(f"fine-tuning: virtual adversarial training on {len(unlabelled):,} unlabelled reviews")
     report = fine_tune(model, train, cfg, args.seed, state, timebox, lambda m: evaluate_split(m, val_ids, val_labels),
-                       log)
+                       log, unlabelled, freqs)
     model.eval()
     probs = predict_ids(model, val_ids, model_device(model))
     keys = [encoded.keys[i] for i in split.validation]
