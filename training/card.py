@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -212,8 +213,6 @@ OUT_OF_SCOPE = [
 LIMITATIONS = [
     "Trained and evaluated on one public dataset (IMDB, Maas et al. 2011): reviews of 2011 and earlier, at most 30 "
     "per movie; the test movies are disjoint from the training movies.",
-    "Test accuracy is a selected figure: the test set decided between run 1 and run 2 (see test_evaluations), so "
-    "92.69 % is slightly optimistic; the movie-grouped validation (92.12 %) made every other choice.",
     "Short inputs are much harder than full reviews (see short_inputs): users sending one-liners should expect "
     "lower accuracy than the headline figure.",
     "Reviews longer than 400 tokens are judged on their ending only.",
@@ -248,7 +247,8 @@ def sessions_by_phase(sessions: Sequence[dict]) -> dict[str, list[dict]]:
 def device_name(session: dict) -> str:
     if session.get("device") == "cuda":
         return f"1x {session.get('gpu', 'CUDA GPU')} ({session.get('precision', '?')})"
-    return f"CPU, {session.get('threads', '?')} torch threads ({session.get('precision', '?')})"
+    threads = session.get("threads", "?")
+    return f"CPU, {threads} torch thread{'' if threads == 1 else 's'} ({session.get('precision', '?')})"
 
 
 def phase_hardware(sessions: Sequence[dict], earlier_sessions: Sequence[dict] = (), export_machine: dict | None = None
@@ -485,7 +485,7 @@ def figures(pred: dict, val_probs: Sequence[float], val_labels: Sequence[int]) -
         "slices": {
             "by_length": {"unit": "spaCy tokens of the whole review, before truncation (the model reads the last 400)",
                           "buckets": length_slices},
-            "by_rating": {"unit": "the reviewer's star rating from the archive's file names <id>_<rating>.txt "
+            "by_rating": {"unit": "the reviewer's star rating from the archive's file names `<id>_<rating>.txt` "
                                   "(1-4 negative, 7-10 positive; IMDB has no 5-6)",
                           "ratings": rating_slices},
         },
@@ -546,7 +546,6 @@ def cmd_figures(args: argparse.Namespace) -> int:
     card["metrics"]["calibration"] = result["calibration"]
     card["metrics"]["slices"] = result["slices"]
     card["metrics"]["short_inputs"] = result["short_inputs"]
-    card["intended_use"], card["out_of_scope"], card["limitations"] = INTENDED_USE, OUT_OF_SCOPE, LIMITATIONS
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "source"}, indent=1)[:4000])
     return 0
@@ -559,7 +558,7 @@ def provenance(sessions: Sequence[dict], earlier_sessions: Sequence[dict], expor
             "hardware_by_phase": phase_hardware(sessions, earlier_sessions, export_machine)}
 
 
-def cmd_describe(args: argparse.Namespace) -> int:
+def cmd_describe(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     card_path = Path(args.card)
     card = json.loads(card_path.read_text(encoding="utf-8"))
     run = json.loads((Path(args.state_dir) / "run.json").read_text(encoding="utf-8"))
@@ -575,7 +574,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
     card["provenance"] = {"code": code, "data_archive_sha256": card["data"]["archive_sha256"],
                           "software": {"training": args.training_software, "export_and_test": export_machine},
                           "hardware_by_phase": training["hardware"]}
-    card["intended_use"], card["out_of_scope"], card["limitations"] = INTENDED_USE, OUT_OF_SCOPE, LIMITATIONS
+    card["provenance"]["command"] = "python -m training.card " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    card["intended_use"], card["out_of_scope"] = INTENDED_USE, OUT_OF_SCOPE
+    card["limitations"] = LIMITATIONS + list(args.limitation)
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(card["provenance"], indent=1))
     return 0
@@ -628,9 +630,12 @@ def render(card: dict) -> str:
             r = ts[name]
             L.append(f"| {name} | {r['ece_before']:.4f} | {r['ece_after']:.4f} | {r['nll_before']:.4f} | "
                      f"{r['nll_after']:.4f} |")
-        verdict = ("it lowers the validation ECE" if ts["lowers_validation_ece"] else
-                   "it does not lower the validation ECE, so a future export would not fold it in either")
-        L += ["", f"The shipped model.pt is unchanged ({verdict}); {ts['note']}.", ""]
+        verdict = ("it would lower the validation ECE" if ts["lowers_validation_ece"] else
+                   "it does not lower the validation ECE either, though it lowers the validation NLL slightly")
+        L += ["", "The shipped model.pt is unchanged: folding T into it would change every probability users have "
+              f"seen, and {verdict}. `training.train --temperature-from-validation` (the default) folds the "
+              "validation-fitted temperature into a new candidate's head only when it lowers the validation ECE.",
+              ""]
     if "slices" in m:
         s = m["slices"]
         L += ["## Accuracy by review length", "", f"Length: {s['by_length']['unit']}.", "",
@@ -659,7 +664,9 @@ def render(card: dict) -> str:
         L += ["## Every evaluation on the test set", "", m.get("test_evaluations_note", ""), "",
               "| date | what | precision | how | accuracy | n | purpose |", "|---|---|---|---|---:|---:|---|"]
         for e in log:
-            cells = [e["date"], e["what"], e["precision"], e["how"], _pct(e["accuracy"]), f"{e['n']:,}", e["purpose"]]
+            acc = (" / ".join(f"{k} {_pct(v)}" for k, v in e["accuracy_by_precision"].items())
+                   if "accuracy_by_precision" in e else _pct(e["accuracy"]))
+            cells = [e["date"], e["what"], e["precision"], e["how"], acc, f"{e['n']:,}", e["purpose"]]
             L.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
         L.append("")
     p = card.get("provenance")
@@ -676,21 +683,25 @@ def render(card: dict) -> str:
                  f"Python {sw['export_and_test'].get('python')}.")
         for phase, devices in p["hardware_by_phase"].items():
             if isinstance(devices, list):
-                text = "; ".join(f"{d['device']} ({d['sessions']} session(s) from {d['first'][:16]})" for d in devices)
+                text = "; ".join(f"{d['device']} ({d['sessions']} session{'s' if d['sessions'] > 1 else ''} from "
+                                 f"{d['first'][:16]})" for d in devices)
             else:
                 text = (f"{devices.get('cpu_model')} ({devices.get('cpu_cores')} cores, {devices.get('cpu_threads')} "
                         f"torch threads, {devices.get('machine')})")
-            L.append(f"- {phase.replace('_', ' ').capitalize()}: {text}")
+            label = {"language_model_of_the_initial_run": "Language model of the run this one continued (--init-from)",
+                     "export_and_test": "Export and test"}.get(phase, phase.replace("_", " ").capitalize())
+            L.append(f"- {label}: {text}")
         L.append("")
     L += ["## Reproduce", "", "Every figure on this page comes from code in the repository:", "", "```bash",
           "pip install -e \".[train,baseline]\"",
           "python -m training.card score --data ../shared/data/aclImdb_v1.tar.gz   # once: writes "
           "training_state/r2/test_predictions.json.gz, logs the evaluation",
           "python -m training.card figures   # interval, classes, calibration, temperature, slices, plot (no scoring)",
-          "python -m training.card describe --state-dir training_state/r2 --init-from training_state ...  "
-          "# provenance (see docs/training.md)",
+          "python -m training.card describe ...   # provenance: the command below",
           "python -m training.baseline --data ../shared/data/aclImdb_v1.tar.gz   # the linear baseline",
           "python -m training.card render    # this page", "```", ""]
+    if p and p.get("command"):
+        L += ["The provenance was written by:", "", "```bash", p["command"], "```", ""]
     return "\n".join(L)
 
 
@@ -731,13 +742,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--exported-with", required=True, help="git commit of the code that exported it")
     d.add_argument("--code-note", default="", help="how the commits were established")
     d.add_argument("--training-software", default="", help="software versions of the training machine(s)")
+    d.add_argument("--limitation", action="append", default=[], help="a limitation of this model in particular")
     r = sub.add_parser("render", help="docs/model-card.md from the model card")
     r.add_argument("--card", default=str(CARD))
     r.add_argument("--out", default=str(DOC))
     r.add_argument("--check", action="store_true", help="exit 1 if --out differs from the rendering")
     args = parser.parse_args(argv)
-    return {"score": cmd_score, "figures": cmd_figures, "describe": cmd_describe,
-            "render": cmd_render}[args.command](args)
+    if args.command == "describe":
+        return cmd_describe(args, argv)
+    return {"score": cmd_score, "figures": cmd_figures, "render": cmd_render}[args.command](args)
 
 
 if __name__ == "__main__":
