@@ -169,3 +169,19 @@ def test_the_baseline_script_writes_its_figure_into_the_card(tmp_path: Path) -> 
     assert result["test_n"] == 24 and result["tfidf_logistic_regression_test_accuracy"] >= 0.9  # separable words
     assert result["C"] in (1.0, 10.0) and set(result["validation_accuracy_by_C"]) == {"1", "10"}
     assert model_card.baseline_result(out) == result  # what training.train's model card reads
+
+
+def test_an_evaluation_of_the_test_set_can_be_logged_in_the_card(tiny_artifacts: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from training import evaluate
+
+    art = Path(shutil.copytree(tiny_artifacts, tmp_path / "art"))
+    data = write_fake_imdb(tmp_path)
+    assert evaluate.main(["--artifacts", str(art), "--data", str(data), "--json", "--device", "cpu",
+                          "--log-purpose", "check the service"]) == 0
+    assert evaluate.main(["--artifacts", str(art), "--data", str(data), "--json", "--device", "cpu",
+                          "--log-purpose", "again"]) == 0
+    card = load_artifacts(art, "cpu").card  # the card is not checksummed: editing it keeps the artifacts valid
+    assert [e["purpose"] for e in card["metrics"]["test_evaluations"]] == ["check the service", "again"]
+    assert card["metrics"]["test_evaluations"][0]["n"] == 24
