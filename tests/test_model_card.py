@@ -185,3 +185,12 @@ def test_an_evaluation_of_the_test_set_can_be_logged_in_the_card(tiny_artifacts:
     card = load_artifacts(art, "cpu").card  # the card is not checksummed: editing it keeps the artifacts valid
     assert [e["purpose"] for e in card["metrics"]["test_evaluations"]] == ["check the service", "again"]
     assert card["metrics"]["test_evaluations"][0]["n"] == 24
+
+
+def test_readme_quotes_the_cards_figures() -> None:
+    card = json.loads(SHIPPED_CARD.read_text())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    low, high = card["metrics"]["test_interval"]["interval_95"]
+    assert f"{100 * low:.2f}–{100 * high:.2f} %" in readme and "docs/model-card.md" in readme
+    assert f"{100 * card['metrics']['short_inputs']['first_sentence']['accuracy']:.2f} %" in readme
+    assert f"{100 * card['baseline']['tfidf_logistic_regression_test_accuracy']:.2f} %" in readme
