@@ -657,7 +657,7 @@ def render(card: dict) -> str:
         L += ["## Linear baseline", "",
               f"TF-IDF + logistic regression: **{_pct(b['tfidf_logistic_regression_test_accuracy'])}** on test"
               + (f" ({_pct(b['test_interval_95'][0])} – {_pct(b['test_interval_95'][1])}); {b['method']}; "
-                 f"tokenisation: {b['tokenisation']}; C = {b['C']:g} (validation {_pct(b['validation_accuracy'])}). "
+                 f"tokenisation: `{b['tokenisation']}`; C = {b['C']:g} (validation {_pct(b['validation_accuracy'])}). "
                  f"`{b['command']}`, {b['date'][:10]}." if "method" in b else f" ({b.get('note', '')})."), ""]
     log = m.get("test_evaluations", [])
     if log:
