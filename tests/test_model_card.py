@@ -194,3 +194,20 @@ def test_readme_quotes_the_cards_figures() -> None:
     assert f"{100 * low:.2f}–{100 * high:.2f} %" in readme and "docs/model-card.md" in readme
     assert f"{100 * card['metrics']['short_inputs']['first_sentence']['accuracy']:.2f} %" in readme
     assert f"{100 * card['baseline']['tfidf_logistic_regression_test_accuracy']:.2f} %" in readme
+
+
+def test_the_pipeline_keeps_the_log_when_it_exports_the_same_run_again(tmp_path: Path) -> None:
+    from tests.test_training import tiny_run_flags
+    from training import train
+
+    data = write_fake_imdb(tmp_path)
+    flags = tiny_run_flags(data, tmp_path)
+    assert train.main(flags) == 0
+    assert train.main(flags) == 0  # the finished run is exported and scored again: a second entry, not a reset
+    card = json.loads((tmp_path / "run" / "art" / "model_card.json").read_text())
+    log = card["metrics"]["test_evaluations"]
+    assert len(log) == 2 and log[0]["accuracy"] == log[1]["accuracy"] == card["metrics"]["test"]["accuracy"]
+    assert "calibration" in card["metrics"]  # the temperature was fitted on validation at export
+    assert card["metrics"]["calibration"]["temperature_scaling"]["fitted_on"].startswith("validation")
+    assert card["training"]["hardware"]["export_and_test"]["cpu_cores"] and card["provenance"]["code"] is not None
+    assert all(d["device"].startswith("CPU") for d in card["training"]["hardware"]["fine_tuning"])

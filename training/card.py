@@ -23,7 +23,6 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -569,7 +568,8 @@ def cmd_describe(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     export_machine = {k: v for k, v in old.items() if k in ("machine", "cpu_model", "cpu_cores", "cpu_threads", "torch",
                                                             "python")} if "export_and_test" not in old \
         else old["export_and_test"]
-    code = {"trained_with_commit": args.trained_with, "exported_with_commit": args.exported_with, "note": args.code_note}
+    code = {"trained_with_commit": args.trained_with, "exported_with_commit": args.exported_with,
+            "note": args.code_note}
     training["hardware"] = phase_hardware(run["sessions"], earlier, export_machine)
     card["provenance"] = {"code": code, "data_archive_sha256": card["data"]["archive_sha256"],
                           "software": {"training": args.training_software, "export_and_test": export_machine},
@@ -595,14 +595,16 @@ def _interval(d: dict) -> str:
 def render(card: dict) -> str:
     """docs/model-card.md from the model card (the test in tests/ keeps the committed file equal to this)."""
     m = card["metrics"]
+    cfg = card["architecture"]["config"]
     L: list[str] = [f"# Model card: `{card['version']}`", "",
                     "<!-- Generated from model_artifacts/model_card.json by `python -m training.card render`; "
                     "do not edit by hand. -->", "",
                     f"**Task:** {card['task']}. **Model:** {card['architecture']['type']}; "
                     f"{card['architecture']['parameters']:,} parameters, embedding "
-                    f"{card['architecture']['config']['embedding_dim']}, hidden {card['architecture']['config']['hidden_size']}, "
+                    f"{cfg['embedding_dim']}, hidden {cfg['hidden_size']}, "
                     f"vocabulary {card['vocab_size']:,}, reads the last {card['tokenizer']['max_tokens']} tokens.", ""]
-    for title, key in (("Intended use", "intended_use"), ("Out of scope", "out_of_scope"), ("Limitations", "limitations")):
+    for title, key in (("Intended use", "intended_use"), ("Out of scope", "out_of_scope"),
+                       ("Limitations", "limitations")):
         L += [f"## {title}", ""] + [f"- {x}" for x in card.get(key, [])] + [""]
     if "test_interval" in m:
         t, src = m["test_interval"], m["analysis"]
@@ -622,7 +624,7 @@ def render(card: dict) -> str:
         L += ["## Calibration", "",
               f"Expected calibration error on test: **{c['ece']:.4f}** ({c['bins']} {c['binning']}); on the "
               f"validation: {c['validation_ece']:.4f}.", "",
-              f"![Reliability diagram](model-card-reliability.png)", "",
+              "![Reliability diagram](model-card-reliability.png)", "",
               f"Temperature scaling, fitted on the validation predictions only ({ts['fitted_on']}): "
               f"**T = {ts['temperature']:.4f}**.", "",
               "| | ECE before | ECE after | NLL before | NLL after |", "|---|---:|---:|---:|---:|"]

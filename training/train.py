@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("paths")
     g.add_argument("--data", default="../shared/data/aclImdb_v1.tar.gz", help="aclImdb archive or extracted folder")
     g.add_argument("--download", action="store_true", help="download the official archive to --data if missing")
-    g.add_argument("--out", default="runs/candidate", help="artifacts directory to write (copy to model_artifacts/ only if the model beats the shipped "
+    g.add_argument("--out", default="runs/candidate",
+                   help="artifacts directory to write (copy to model_artifacts/ only if the model beats the shipped "
                    "one on the movie-grouped validation; then score test once, for that one candidate)")
     g.add_argument("--cache-dir", default=".cache", help="tokenised corpus and word-vector cache")
     g.add_argument("--state-dir", default="training_state", help="compact resumable state of this run (commit it)")
