@@ -6,6 +6,10 @@
 In-process, the raw review texts go through the engine's one scoring entry (the service's own
 path: tokenise, truncate, length-bucketed forward passes). With ``--url`` they are sent to a running
 service (``POST /v1/predict``) instead, so the figure is reproduced through HTTP and batching too.
+
+Every test evaluation belongs in the model card's log (``metrics.test_evaluations``): ``--log-purpose
+"why"`` appends this one to --card. Scoring the test set is not a way to choose a model: choose on the
+movie-grouped validation (docs/training.md, test-set hygiene).
 """
 
 from __future__ import annotations
@@ -119,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predictions", default=None,
                         help="also write every review's probability here (the format training.compare reads, "
                         "for a paired comparison of two models on the test set)")
+    parser.add_argument("--log-purpose", default=None,
+                        help="append this evaluation to the model card's metrics.test_evaluations with this purpose")
+    parser.add_argument("--card", default=None, help="model card to log to (default: --artifacts/model_card.json)")
     args = parser.parse_args(argv)
 
     reviews = read_imdb(args.data, ("test",))["test"]
@@ -126,17 +133,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url:
         import httpx
 
-        version = httpx.get(args.url + "/v1/model", timeout=30).json().get("version")
+        info = httpx.get(args.url + "/v1/model", timeout=30).json()
+        version, precision = info.get("version"), str(info.get("precision", "unknown"))
         probs = predict_over_http(args.url, texts)
     else:
         engine = SentimentEngine.load(args.artifacts, args.device)
-        version = engine.version
+        version, precision = engine.version, engine.precision
         probs = predict_texts(engine, texts)
     metrics = compute_metrics(probs, [r.label for r in reviews])
     if args.predictions:
         Path(args.predictions).write_text(json.dumps(
             {"model": version, "labels": {r.key: r.label for r in reviews},
              "probabilities": {r.key: round(p, 6) for r, p in zip(reviews, probs)}}) + "\n", encoding="utf-8")
+    if args.log_purpose:
+        from training.card import append_test_evaluation, evaluation_entry
+
+        card_path = Path(args.card or Path(args.artifacts) / "model_card.json")
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        how = f"HTTP: python -m training.evaluate --url {args.url}" if args.url else \
+            "in-process: python -m training.evaluate (SentimentEngine.score)"
+        append_test_evaluation(card, evaluation_entry(str(version), precision, how, probs,
+                                                      [r.label for r in reviews], args.log_purpose))
+        card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -12,8 +12,13 @@ Stages, in order (each a function below, its inputs and outputs in its signature
 - word vectors: word2vec on the training part + unsup initialises the embedding (cached).
 - language model: next-token pre-training of embedding + LSTM on the training part + unsup (pretrain.py).
 - fine-tuning: on the labelled training part, validated on the held-out movies (finetune.py).
-- export: TorchScript + vocabulary + model card to --out.
-- test: one evaluation on the 25,000 test reviews, written into the model card (skip with --no-test).
+- export: TorchScript + vocabulary + model card to --out (with --temperature-from-validation, the head's
+  weight and bias are divided by the temperature fitted on the validation predictions, if it lowers
+  the validation's calibration error).
+- test: one evaluation on the 25,000 test reviews, written into the model card and appended to its log
+  of test evaluations (metrics.test_evaluations). Every choice (recipe, epochs, which run) is made on
+  the movie-grouped validation; test is scored once, for the one candidate you mean to ship. Pass
+  --no-test for every other run (ablations, re-exports, candidates you will not ship).
 
 The two long phases checkpoint into --state-dir (compact, committed to git) and --checkpoint-dir
 (exact, local) every --checkpoint-every-minutes, and stop cleanly (exit code 0) when
@@ -43,6 +48,9 @@ import torch
 from sentiment.artifacts import cpu_has_bf16, cpu_model, export_artifacts, load_artifacts
 from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
+from training.card import (INTENDED_USE, LIMITATIONS, OUT_OF_SCOPE, append_test_evaluation, baseline_result,
+                           evaluation_entry, fold_validation_temperature, git_commit, phase_hardware, provenance,
+                           read_card, same_model)
 from training.data import (EncodedCorpus, Split, TokenizedCorpus, encode_corpus, load_pack, load_tokenized,
                            make_split)
 from training.adversarial import id_frequencies
@@ -77,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("paths")
     g.add_argument("--data", default="../shared/data/aclImdb_v1.tar.gz", help="aclImdb archive or extracted folder")
     g.add_argument("--download", action="store_true", help="download the official archive to --data if missing")
-    g.add_argument("--out", default="runs/candidate", help="artifacts directory to write (copy to model_artifacts/ "
-                   "only if the model beats the shipped one on test)")
+    g.add_argument("--out", default="runs/candidate",
+                   help="artifacts directory to write (copy to model_artifacts/ only if the model beats the shipped "
+                   "one on the movie-grouped validation; then score test once, for that one candidate)")
     g.add_argument("--cache-dir", default=".cache", help="tokenised corpus and word-vector cache")
     g.add_argument("--state-dir", default="training_state", help="compact resumable state of this run (commit it)")
     g.add_argument("--checkpoint-dir", default="checkpoints", help="exact local checkpoints with optimizer state")
@@ -102,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the long phases run (auto: CUDA when there is one); export is always CPU fp32")
     g.add_argument("--workers", type=int, default=2, help="tokenisation and word2vec processes")
-    g.add_argument("--no-test", action="store_true", help="skip the test-split evaluation (ablations must skip it)")
+    g.add_argument("--no-test", action="store_true",
+                   help="skip the test-split evaluation: every run but the one candidate meant to ship (ablations, "
+                   "re-exports, runs compared with each other) must skip it; choices are made on validation")
+    g.add_argument("--temperature-from-validation", action=argparse.BooleanOptionalAction, default=True,
+                   help="at export, fit a temperature on the validation predictions (NLL) and fold 1/T into the "
+                   "head's weight and bias if it lowers the validation's expected calibration error")
 
     g = p.add_argument_group("split, vocabulary, model")
     g.add_argument("--split", choices=["movie", "random"], default="movie",
@@ -451,10 +465,21 @@ def initialised_from(args: argparse.Namespace) -> dict | None:
 
 def model_card(args: argparse.Namespace, model: SentimentLSTM, encoded: EncodedCorpus, split: Split,
                lm_report: dict | None, ft_report: dict, validation: dict, state: RunState) -> dict:
-    """Everything the artifacts should say about how the model was made."""
+    """Everything the artifacts should say about how the model was made.
+
+    The log of test evaluations (``metrics.test_evaluations``) of a card already at --out is carried
+    over when it describes the same model (a re-export of this run): the log is appended to, never reset.
+    The linear baseline's figure is what ``python -m training.baseline`` wrote (training_state/baseline.json).
+    """
     config = ModelConfig(len(model.embedding.weight), args.embedding_dim, args.hidden_size, args.layers, args.dropout)
     sessions = state.info.get("sessions", [])
-    return {
+    earlier = (json.loads((Path(args.init_from) / "run.json").read_text(encoding="utf-8")).get("sessions", [])
+               if args.init_from else [])
+    export_machine = {"machine": platform.machine(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
+                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "python": platform.python_version()}
+    previous = read_card(Path(args.out) / "model_card.json")
+    card = {
         "version": "sentiment-lstm-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M"),
         "task": "binary sentiment of English movie reviews (IMDB); probability of positive",
         "architecture": {
@@ -477,9 +502,8 @@ def model_card(args: argparse.Namespace, model: SentimentLSTM, encoded: EncodedC
             **run_cost(sessions),
             # A run started from another run's language model (--init-from) also cost that run.
             "initialised_from": initialised_from(args),
-            "hardware": {"machine": platform.machine(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
-                         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-                         "python": platform.python_version()},
+            # The device of each phase (from the sessions), and the machine exporting (and testing) now.
+            "hardware": phase_hardware(sessions, earlier, export_machine),
         },
         "data": {"source": "Large Movie Review Dataset v1.0 (aclImdb, Maas et al. 2011)",
                  "archive_sha256": encoded.data_sha256,
@@ -487,10 +511,14 @@ def model_card(args: argparse.Namespace, model: SentimentLSTM, encoded: EncodedC
                  "train_reviews": len(split.train), "validation_reviews": len(split.validation),
                  "unsup_reviews_for_pretraining": len(encoded.unsup),
                  "test_reviews": encoded.n_test},
-        "metrics": {"validation": {**validation, "split": split.kind}},
-        "baseline": {"tfidf_logistic_regression_test_accuracy": 0.906,
-                     "note": "word 1-2-grams, sublinear tf, fitted on the 25k training reviews"},
+        "metrics": {"validation": {**validation, "split": split.kind}, "test_evaluations": []},
+        "baseline": baseline_result() or (previous or {}).get("baseline"),
+        "intended_use": INTENDED_USE, "out_of_scope": OUT_OF_SCOPE, "limitations": LIMITATIONS,
+        "provenance": provenance(sessions, earlier, export_machine, encoded.data_sha256, git_commit()),
     }
+    if previous is not None and same_model(previous, card):
+        card["metrics"]["test_evaluations"] = previous.get("metrics", {}).get("test_evaluations", [])
+    return card
 
 
 def stage_export(model: SentimentLSTM, vocab: Vocabulary, card: dict, out: str | Path) -> Path:
@@ -502,10 +530,16 @@ def stage_export(model: SentimentLSTM, vocab: Vocabulary, card: dict, out: str |
 
 
 def stage_test(out: Path, corpus: TokenizedCorpus, model: SentimentLSTM, vocab: Vocabulary, card: dict) -> dict:
-    """Exported artifacts → metrics on all test reviews, written into the model card (re-exported)."""
+    """Exported artifacts → metrics on all test reviews, written into the model card (re-exported) and
+    appended to its log of test evaluations (``metrics.test_evaluations``; earlier entries are kept)."""
     art = load_artifacts(out, "cpu")  # score what was exported, not the eager model
     test_ids = [art.vocab.encode_tokens(t).ids for t in corpus.tokens["test"]]
-    card["metrics"]["test"] = compute_metrics(predict_ids(art.model, test_ids, art.device), corpus.labels["test"])
+    probs = predict_ids(art.model, test_ids, art.device)
+    card["metrics"]["test"] = compute_metrics(probs, corpus.labels["test"])
+    append_test_evaluation(card, evaluation_entry(
+        f"{card['version']} exported to {out}", "fp32",
+        f"in-process: training.train's test stage (the exported TorchScript on cached tokens), CPU {cpu_model()}",
+        probs, corpus.labels["test"], "the pipeline's test stage: the one candidate meant to ship"))
     export_artifacts(model, vocab, card, out)
     log(f"test: accuracy {card['metrics']['test']['accuracy']:.4f} on {card['metrics']['test']['n']} reviews")
     return card["metrics"]["test"]
@@ -563,6 +597,8 @@ def main(argv: Sequence[str] | None = None, handle_signals: bool = False) -> int
     end_session("fine-tuning done")
     log(f"validation ({split.kind} split): {json.dumps(validation)}")
     card = model_card(args, model, encoded, split, lm_report, ft_report, validation, state)
+    if args.temperature_from_validation:  # probabilities calibrated on validation; labels unchanged
+        card["metrics"]["calibration"] = fold_validation_temperature(model, state.dir / "validation_predictions.json")
     out = stage_export(model, vocab, card, args.out)
     if corpus is None and not args.no_test:
         log("test: skipped (a pack holds no test reviews); export again where the archive is: the same command "
