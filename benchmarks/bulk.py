@@ -2,12 +2,17 @@
 
     python -m benchmarks.bulk --data ../shared/data/aclImdb_v1.tar.gz
 
-In one run: writes the 25,000 IMDB test reviews to a JSONL file (id: the review's key); measures the
-**offline ceiling** (``benchmarks.run.offline_ceiling``: the engine on every core, one process per
-core at one torch thread, large batches, nothing else) on a sample of them; runs the command on all
-of them in its own process, as a user runs it, sampling the resident memory of the command and its
-model workers twice a second; then measures the ceiling again, so that a machine that got busier or
-quieter during the run shows as two different ceilings. The command's rate is the one it reports:
+In one run: writes 25,000 IMDB reviews to a JSONL file (id: the review's key), the unlabelled
+``train/unsup`` ones, so that a speed benchmark never touches the test set; measures the
+**offline ceiling** on the same reviews (``benchmarks.run.offline_ceiling`` with ``split``: the engine
+alone, one process per core at one torch thread, each scoring its share of the reviews once in
+batches of 256, its tokenizer memo as cold as a new model worker's: the same work as the command's,
+without reading, checking, sending or writing); runs the command on all of them in its own process,
+as a user runs it, sampling the resident memory of the command and its model workers twice a second;
+then measures the ceiling again, so that a machine that got busier or quieter during the run shows as
+two different ceilings. For reference it also measures the warm-memo figure quoted elsewhere
+(``benchmarks.run``'s way: 3,000 of the reviews, best of two passes, the second with every word
+already memoised), which no run over new reviews can reach. The command's rate is the one it reports:
 rows read, checked, scored and written per second from the model being ready to the last row
 committed (the ceiling also excludes loading); its start-up is reported apart. Writes
 ``benchmarks/results/bulk.json`` and checks issue 27's targets: ≥ 0.9 of the ceiling, flat memory.
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from app.resources import resident_bytes, usable_cpus
-from benchmarks.run import load_reviews, offline_ceiling
+from benchmarks.run import offline_ceiling
 from sentiment.artifacts import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,16 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "aclImdb_v1.tar.gz"))
     p.add_argument("--artifacts", default=str(REPO / "model_artifacts"))
-    p.add_argument("--reviews", type=int, default=25_000, help="test reviews the command scores")
-    p.add_argument("--ceiling-reviews", type=int, default=3000, help="reviews each ceiling process scores")
+    p.add_argument("--reviews", type=int, default=25_000, help="unlabelled reviews the command scores")
+    p.add_argument("--ceiling-reviews", type=int, default=3000, help="reviews of the warm-memo reference (each process scores them all, twice)")
     p.add_argument("--device", default="cpu", help="the command's --device (cuda: the ceiling uses one process)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bulk.json"))
     args = p.parse_args(argv)
 
     from sentiment.imdb import read_imdb
 
-    reviews = read_imdb(args.data, ("test",))["test"][: args.reviews]
-    sample = load_reviews(args.data, args.ceiling_reviews, seed=0)
+    unsup = [r for r in read_imdb(args.data, ("train",), unsup=True)["train"] if r.label == -1]
+    reviews = unsup[: args.reviews]
+    sample = random.Random(0).sample([r.text for r in reviews], min(args.ceiling_reviews, len(reviews)))
     processes = 1 if args.device.startswith("cuda") else usable_cpus()
     ceiling_device = "cuda" if args.device.startswith("cuda") else "cpu"
     results: dict[str, Any] = {
@@ -107,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bulk-bench") as tmp:
         source, output, summary_path = Path(tmp) / "reviews.jsonl", Path(tmp) / "scored.jsonl", Path(tmp) / "s.json"
         source.write_text("".join(json.dumps({"id": r.key, "text": r.text}) + "\n" for r in reviews))
-        print(f"offline ceiling (before): {len(sample)} reviews × {processes} processes …", flush=True)
-        before = offline_ceiling(Path(args.artifacts), sample, 256, processes, device=ceiling_device)
+        texts = [r.text for r in reviews]
+        print(f"warm-memo reference: {len(sample)} reviews × {processes} processes, best of 2 passes …", flush=True)
+        warm = offline_ceiling(Path(args.artifacts), sample, 256, processes, device=ceiling_device)
+        print(f"  {warm['reviews_per_s']:.1f} reviews/s", flush=True)
+        print(f"offline ceiling (before): the {len(texts)} reviews over {processes} processes …", flush=True)
+        before = offline_ceiling(Path(args.artifacts), texts, 256, processes, device=ceiling_device, split=True)
         print(f"  {before['reviews_per_s']:.1f} reviews/s", flush=True)
 
         print(f"sentiment score: {len(reviews)} reviews …", flush=True)
@@ -127,22 +138,25 @@ def main(argv: list[str] | None = None) -> int:
         print(out, end="", flush=True)
         summary = json.loads(summary_path.read_text())
         scored = [json.loads(line) for line in output.read_text().splitlines()]
-        correct = sum((row["label"] == "positive") == ("/pos/" in row["id"]) for row in scored)
+        # Unlabelled reviews: what can be checked is that every row came back, in order, scored.
+        in_order = [row["id"] for row in scored] == [r.key for r in reviews]
+        with_score = sum(row["probability"] is not None for row in scored)
 
         print("offline ceiling (after) …", flush=True)
-        after = offline_ceiling(Path(args.artifacts), sample, 256, processes, device=ceiling_device)
+        after = offline_ceiling(Path(args.artifacts), texts, 256, processes, device=ceiling_device, split=True)
         print(f"  {after['reviews_per_s']:.1f} reviews/s", flush=True)
 
     results["load_average_after"] = os.getloadavg()
     ceiling = (before["reviews_per_s"] + after["reviews_per_s"]) / 2
     memory = memory_summary(sampler.samples, summary["startup_seconds"])
     results.update({
-        "offline_ceiling": {"before": before, "after": after, "mean_reviews_per_s": ceiling},
+        "offline_ceiling": {"before": before, "after": after, "mean_reviews_per_s": ceiling,
+                            "warm_memo_reference": warm},
         "bulk": {"rows": summary["rows"], "errors": summary["errors"], "workers": summary["workers"],
                  "precision": summary["precision"],
                  "reviews_per_s": summary["rows_per_s"], "startup_s": summary["startup_seconds"],
                  "scoring_s": summary["scoring_seconds"], "wall_s": wall,
-                 "wall_reviews_per_s": summary["rows"] / wall, "accuracy": correct / len(scored)},
+                 "wall_reviews_per_s": summary["rows"] / wall, "rows_in_order": in_order, "rows_with_a_score": with_score},
         "memory": memory,
     })
     ratio = summary["rows_per_s"] / ceiling
@@ -154,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"\nceiling {before['reviews_per_s']:.1f} (before) / {after['reviews_per_s']:.1f} (after) reviews/s; "
           f"command {summary['rows_per_s']:.1f} reviews/s scoring ({summary['rows'] / wall:.1f} over {wall:.0f}s "
-          f"wall, start-up {summary['startup_seconds']:.1f}s); accuracy {correct / len(scored):.4f}")
+          f"wall, start-up {summary['startup_seconds']:.1f}s); {with_score} of {len(reviews)} rows scored, "
+          f"{'in' if in_order else 'OUT OF'} input order")
     t = memory["total_mb"]
     print(f"RSS command + workers (MB): start {t['start']:.0f}, middle {t['mid']:.0f}, end {t['end']:.0f}, "
           f"max {t['max']:.0f}; the command alone: max {memory['command_mb']['max']:.0f}")

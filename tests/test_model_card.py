@@ -16,6 +16,7 @@ from sentiment.text import TokenizerSettings, Vocabulary
 from tests.conftest import TINY_WORDS, write_fake_imdb
 from training import card as model_card
 from training.data import TokenizedCorpus
+from training.state import RunState
 from training.train import stage_test
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +85,15 @@ def test_the_test_stage_appends_to_the_log_of_test_evaluations(tmp_path: Path) -
     out = export_artifacts(model, vocab, card, tmp_path / "art")
     corpus = TokenizedCorpus(vocab.settings, "0" * 64, {"test": [["good", "film"], ["awful", "movie"]] * 3},
                              {"test": [1, 0] * 3}, {"test": [f"test/x/{i}" for i in range(6)]})
-    stage_test(out, corpus, model, vocab, card)
-    stage_test(out, corpus, model, vocab, card)  # a second scoring is logged too, not overwritten
+    state = RunState(tmp_path / "state", tmp_path / "ckpt")
+    state.info = {"recipe": {}}
+    stage_test(out, corpus, model, vocab, card, state)
     log = load_artifacts(out, "cpu").card["metrics"]["test_evaluations"]
-    assert log[0] == earlier and len(log) == 3
-    assert all(e["n"] == 6 and e["accuracy"] == card["metrics"]["test"]["accuracy"] for e in log[1:])
+    assert log[0] == earlier and len(log) == 2  # appended, not overwritten
+    assert log[1]["n"] == 6 and log[1]["accuracy"] == card["metrics"]["test"]["accuracy"]
     assert {"date", "what", "precision", "how", "accuracy", "n", "purpose"} <= set(log[-1])
+    # The run's state remembers it (committed with the state): the run is never scored again.
+    assert RunState(tmp_path / "state", tmp_path / "ckpt").info["test"]["evaluation"] == log[1]
 
 
 def test_a_re_export_of_the_same_run_keeps_the_log_and_another_run_starts_its_own() -> None:
@@ -196,17 +200,25 @@ def test_readme_quotes_the_cards_figures() -> None:
     assert f"{100 * card['baseline']['tfidf_logistic_regression_test_accuracy']:.2f} %" in readme
 
 
-def test_the_pipeline_keeps_the_log_when_it_exports_the_same_run_again(tmp_path: Path) -> None:
+def test_a_run_is_scored_on_test_once_and_a_re_export_keeps_its_figure_and_log(tmp_path: Path, capsys) -> None:
     from tests.test_training import tiny_run_flags
     from training import train
 
     data = write_fake_imdb(tmp_path)
-    flags = tiny_run_flags(data, tmp_path)
+    flags = tiny_run_flags(data, tmp_path)  # with --test
     assert train.main(flags) == 0
-    assert train.main(flags) == 0  # the finished run is exported and scored again: a second entry, not a reset
+    first = json.loads((tmp_path / "run" / "art" / "model_card.json").read_text())
+    assert len(first["metrics"]["test_evaluations"]) == 1
+    capsys.readouterr()
+    assert train.main(flags) == 0  # the finished run is exported again, with --test: not scored again
+    assert "scored on test already" in capsys.readouterr().out
     card = json.loads((tmp_path / "run" / "art" / "model_card.json").read_text())
     log = card["metrics"]["test_evaluations"]
-    assert len(log) == 2 and log[0]["accuracy"] == log[1]["accuracy"] == card["metrics"]["test"]["accuracy"]
+    assert log == first["metrics"]["test_evaluations"] and card["metrics"]["test"] == first["metrics"]["test"]
+    # Exported elsewhere (no card there to carry the log from): the run's state carries figure and entry.
+    assert train.main(flags[:3] + [str(tmp_path / "elsewhere")] + flags[4:]) == 0
+    moved = json.loads((tmp_path / "elsewhere" / "model_card.json").read_text())
+    assert moved["metrics"]["test"] == first["metrics"]["test"] and moved["metrics"]["test_evaluations"] == log
     assert "calibration" in card["metrics"]  # the temperature was fitted on validation at export
     assert card["metrics"]["calibration"]["temperature_scaling"]["fitted_on"].startswith("validation")
     assert card["training"]["hardware"]["export_and_test"]["cpu_cores"] and card["provenance"]["code"] is not None

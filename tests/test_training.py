@@ -48,7 +48,8 @@ def tiny_run_flags(data, tmp_path, name: str = "run") -> list[str]:
             "--embedding-dim", "8", "--hidden-size", "8", "--min-freq", "1", "--w2v-epochs", "1", "--workers", "1",
             "--val-fraction", "0.25", "--lm-epochs", "2", "--lm-bptt", "8", "--lm-rows", "4",
             "--lm-warmup-steps", "2", "--probe-reviews", "10", "--epochs", "2", "--batch-size", "4",
-            "--precision", "fp32", "--adv-eps", "5.0"]  # the adversarial step is exercised too
+            "--precision", "fp32", "--adv-eps", "5.0",  # the adversarial step is exercised too
+            "--test"]  # the test stage runs (tests that need no test figure pass --no-test after it)
 
 
 def test_train_export_load_and_evaluate_end_to_end(tmp_path, capsys) -> None:

@@ -14,9 +14,19 @@ from sentiment.model import ModelConfig, SentimentLSTM, pad_batch
 from tests.conftest import write_fake_imdb
 from tests.test_training import tiny_run_flags
 from training import train
-from training.adversarial import (NormalisedEmbedding, bake, bernoulli_kl, fold_normalisation, id_frequencies,
-                                  last_logit, moments, plain_embedding, step_logits_from_embeddings, unit,
-                                  virtual_adversarial_loss)
+from training.adversarial import (
+    NormalisedEmbedding,
+    bake,
+    bernoulli_kl,
+    fold_normalisation,
+    id_frequencies,
+    last_logit,
+    moments,
+    plain_embedding,
+    step_logits_from_embeddings,
+    unit,
+    virtual_adversarial_loss,
+)
 
 
 def tiny():

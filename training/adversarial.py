@@ -19,8 +19,8 @@ Binary classifier: p is the sigmoid of the last real token's logit, the KL is Be
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from sentiment.model import SentimentLSTM
 

@@ -19,17 +19,31 @@ schedule, checkpoints and the time box.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from sentiment.batching import length_buckets
 from sentiment.model import ModelConfig, SentimentLSTM, pad_batch
-from training.adversarial import (NormalisedEmbedding, bake, fold_normalisation, last_logit, plain_embedding,
-                                  step_logits_from_embeddings, virtual_adversarial_loss)
-from training.loop import LRSchedule, PhasePlan, Position, TrainingLoop, TrainingPhase, training_seconds
+from training.adversarial import (
+    NormalisedEmbedding,
+    bake,
+    fold_normalisation,
+    last_logit,
+    plain_embedding,
+    step_logits_from_embeddings,
+    virtual_adversarial_loss,
+)
+from training.loop import (
+    LRSchedule,
+    PhasePlan,
+    Position,
+    TrainingLoop,
+    TrainingPhase,
+    training_seconds,
+)
 from training.state import RunState, TimeBox, model_device
 
 PHASE = "finetune"

@@ -43,7 +43,7 @@ json.dump(run, open(sys.argv[2], "w"), indent=2)
 PY
   # shellcheck disable=SC2086
   python3 -m training.train --pack "$PACK" --state-dir "$state" --checkpoint-dir "$state-ckpt" \
-    --out "$state-art" --no-test --device "$DEVICE" --precision bf16 \
+    --out "$state-art" --device "$DEVICE" --precision bf16 \
     --stop-after-minutes "$(python3 -c "print($BUDGET_S / 60 - 0.5)")" ${VARIANTS[$name]} $EXTRA \
     > "/tmp/ablation/$name.log" 2>&1 &
   pids+=($!)

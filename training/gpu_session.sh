@@ -37,7 +37,7 @@ except Exception as exc:
 PY
 )
 RUN=(python3 -m training.train --pack "$PACK" --init-from training_state --state-dir "$OUT/run"
-     --checkpoint-dir /tmp/gpu-ckpt --out /tmp/gpu-art --no-test --device "$DEVICE" --precision "$PRECISION"
+     --checkpoint-dir /tmp/gpu-ckpt --out /tmp/gpu-art --device "$DEVICE" --precision "$PRECISION"
      --embedding-dim 200 --hidden-size 384 --layers 1 --dropout 0.4 --vocab-size 25000 --min-freq 3
      --lm-rows 256 --lm-lr 2e-3 --lm-warmup-steps 200 --checkpoint-every-minutes 2)
 

@@ -17,8 +17,9 @@ Stages, in order (each a function below, its inputs and outputs in its signature
   the validation's calibration error).
 - test: one evaluation on the 25,000 test reviews, written into the model card and appended to its log
   of test evaluations (metrics.test_evaluations). Every choice (recipe, epochs, which run) is made on
-  the movie-grouped validation; test is scored once, for the one candidate you mean to ship. Pass
-  --no-test for every other run (ablations, re-exports, candidates you will not ship).
+  the movie-grouped validation; test is scored once, for the one candidate you mean to ship: only
+  with --test, and never twice for one run (the run's state records it; a re-export carries the
+  figure and the log over).
 
 The two long phases checkpoint into --state-dir (compact, committed to git) and --checkpoint-dir
 (exact, local) every --checkpoint-every-minutes, and stop cleanly (exit code 0) when
@@ -111,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the long phases run (auto: CUDA when there is one); export is always CPU fp32")
     g.add_argument("--workers", type=int, default=2, help="tokenisation and word2vec processes")
-    g.add_argument("--no-test", action="store_true",
-                   help="skip the test-split evaluation: every run but the one candidate meant to ship (ablations, "
-                   "re-exports, runs compared with each other) must skip it; choices are made on validation")
+    g.add_argument("--test", action=argparse.BooleanOptionalAction, default=False,
+                   help="score the test split after export: only for the one candidate meant to ship, chosen on "
+                   "validation (off by default; a run is scored at most once, recorded in its state)")
     g.add_argument("--temperature-from-validation", action=argparse.BooleanOptionalAction, default=True,
                    help="at export, fit a temperature on the validation predictions (NLL) and fold 1/T into the "
                    "head's weight and bias if it lowers the validation's expected calibration error")
@@ -518,6 +519,11 @@ def model_card(args: argparse.Namespace, model: SentimentLSTM, encoded: EncodedC
     }
     if previous is not None and same_model(previous, card):
         card["metrics"]["test_evaluations"] = previous.get("metrics", {}).get("test_evaluations", [])
+    tested = state.info.get("test")  # this run's one test evaluation, made by an earlier export
+    if tested:
+        card["metrics"]["test"] = tested["metrics"]
+        if not any(e.get("date") == tested["evaluation"]["date"] for e in card["metrics"]["test_evaluations"]):
+            card["metrics"]["test_evaluations"].append(tested["evaluation"])
     return card
 
 
@@ -529,17 +535,22 @@ def stage_export(model: SentimentLSTM, vocab: Vocabulary, card: dict, out: str |
     return path
 
 
-def stage_test(out: Path, corpus: TokenizedCorpus, model: SentimentLSTM, vocab: Vocabulary, card: dict) -> dict:
-    """Exported artifacts → metrics on all test reviews, written into the model card (re-exported) and
-    appended to its log of test evaluations (``metrics.test_evaluations``; earlier entries are kept)."""
+def stage_test(out: Path, corpus: TokenizedCorpus, model: SentimentLSTM, vocab: Vocabulary, card: dict,
+               state: RunState) -> dict:
+    """Exported artifacts → metrics on all test reviews, written into the model card (re-exported),
+    appended to its log of test evaluations (``metrics.test_evaluations``; earlier entries are kept)
+    and recorded in the run's state, so that the run is never scored again."""
     art = load_artifacts(out, "cpu")  # score what was exported, not the eager model
     test_ids = [art.vocab.encode_tokens(t).ids for t in corpus.tokens["test"]]
     probs = predict_ids(art.model, test_ids, art.device)
     card["metrics"]["test"] = compute_metrics(probs, corpus.labels["test"])
-    append_test_evaluation(card, evaluation_entry(
+    entry = evaluation_entry(
         f"{card['version']} exported to {out}", "fp32",
         f"in-process: training.train's test stage (the exported TorchScript on cached tokens), CPU {cpu_model()}",
-        probs, corpus.labels["test"], "the pipeline's test stage: the one candidate meant to ship"))
+        probs, corpus.labels["test"], "the pipeline's test stage: the one candidate meant to ship")
+    append_test_evaluation(card, entry)
+    state.info["test"] = {"metrics": card["metrics"]["test"], "evaluation": entry}
+    state.save_info()
     export_artifacts(model, vocab, card, out)
     log(f"test: accuracy {card['metrics']['test']['accuracy']:.4f} on {card['metrics']['test']['n']} reviews")
     return card["metrics"]["test"]
@@ -600,11 +611,15 @@ def main(argv: Sequence[str] | None = None, handle_signals: bool = False) -> int
     if args.temperature_from_validation:  # probabilities calibrated on validation; labels unchanged
         card["metrics"]["calibration"] = fold_validation_temperature(model, state.dir / "validation_predictions.json")
     out = stage_export(model, vocab, card, args.out)
-    if corpus is None and not args.no_test:
+    if args.test and state.info.get("test"):
+        done = state.info["test"]["evaluation"]
+        log(f"test: this run was scored on test already ({done['date']}: {done['accuracy']:.4f}); not again "
+            "(its figure and log are in the card)")
+    elif args.test and corpus is None:
         log("test: skipped (a pack holds no test reviews); export again where the archive is: the same command "
             "without --pack exports the finished run and scores it")
-    elif not args.no_test:
-        stage_test(out, corpus, model, vocab, card)
+    elif args.test:
+        stage_test(out, corpus, model, vocab, card, state)
     return 0
 
 
