@@ -103,3 +103,17 @@ def test_a_tiny_run_on_cuda_exports_a_cpu_model(finished_run) -> None:
     assert train.main(_swap(flags, "--precision", "bf16")) == 0
     card = json.loads((tmp / "g" / "art" / "model_card.json").read_text())
     assert card["training"]["sessions"][-1]["device"] == "cuda"
+
+
+def test_a_pack_holds_ids_of_a_vocabulary_larger_than_uint16(tmp_path) -> None:
+    import numpy as np
+
+    from training.data import EncodedCorpus, Split, save_pack
+
+    vocab = Vocabulary(["<pad>", "<unk>"] + [f"w{i}" for i in range(87_000)], TokenizerSettings())
+    ids = [np.array([2, 65_535, 65_536, 87_001], dtype=np.int32), np.array([70_000], dtype=np.int32)]
+    encoded = EncodedCorpus("0" * 64, ids, [1, 0], ["train/pos/1_9.txt", "train/neg/2_1.txt"], [ids[0][::-1]], 0)
+    path = save_pack(tmp_path / "big.xz", encoded, Split("movie", 13, [0], [1]), vocab)
+    back, _, vocab_back = load_pack(path)
+    assert [a.tolist() for a in back.train] == [a.tolist() for a in ids]
+    assert back.unsup[0].tolist() == ids[0][::-1].tolist() and len(vocab_back) == len(vocab)

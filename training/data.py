@@ -188,10 +188,10 @@ def encode_corpus(corpus: TokenizedCorpus, vocab: Vocabulary) -> EncodedCorpus:
 PACK_FORMAT = 1
 
 
-def _flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _flat(arrays: list[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
     flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
-    return flat.astype(np.uint16), offsets
+    return flat.astype(dtype), offsets
 
 
 def _unflat(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
@@ -206,12 +206,12 @@ def save_pack(path: str | Path, encoded: EncodedCorpus, split: Split, vocab: Voc
     import lzma
     from dataclasses import asdict
 
-    if len(vocab) > np.iinfo(np.uint16).max:
-        raise ValueError("a pack stores ids as uint16: the vocabulary is too large")
+    # uint16 halves the pack for vocabularies up to 65,536 words; the paper's (~87k) needs uint32.
+    dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.uint32
     meta = {"format": PACK_FORMAT, "data_sha256": encoded.data_sha256, "keys": encoded.keys, "n_test": encoded.n_test,
             "split": asdict(split), "vocab": {"itos": vocab.itos, "tokenizer": asdict(vocab.settings)}}
-    train, train_off = _flat(encoded.train)
-    unsup, unsup_off = _flat(encoded.unsup)
+    train, train_off = _flat(encoded.train, dtype)
+    unsup, unsup_off = _flat(encoded.unsup, dtype)
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), train=train, train_offsets=train_off,
              unsup=unsup, unsup_offsets=unsup_off, labels=np.asarray(encoded.labels, dtype=np.int8))

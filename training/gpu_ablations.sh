@@ -3,7 +3,7 @@
 # (training_state/r2/lm.pt) with ONE ingredient of the recipe changed, all variants in parallel on one
 # GPU, from a pack (python -m training.pack --state-dir training_state/r2 --out .pack/corpus.xz).
 #
-#   OUT=/some/dir BUDGET_S=420 bash training/gpu_ablations.sh
+#   OUT=/some/dir BUDGET_S=420 [SET=vat] bash training/gpu_ablations.sh
 #
 # Writes $OUT/session.log and $OUT/ablations.tar.gz (<variant>/run.json, validation_predictions.json,
 # train.log: few files, for a device tool that brings back at most 8). Unpack it and compare each
@@ -23,12 +23,24 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # One change each from run 2's recipe (read from its run.json; a flag given here overrides it, even
 # at its default value). "No adversarial training" was measured on CPU already (no difference); raw
 # against averaged weights is in every run's history.
-declare -A VARIANTS=(
-  [no-gradual-unfreezing]="--no-gradual-unfreezing"
-  [one-learning-rate]="--lr-group-decay 1"
-  [no-per-step-loss]="--aux-weight 0"
-  [longer-fine-tuning]="--epochs 12"
-)
+# SET=vat: the Miyato et al. ingredients (issue 28) instead, against run 2 (adversarial, raw embeddings)
+# and the CPU ablation without adversarial training (training_state/ablations/).
+SET=${SET:-recipe}
+if [ "$SET" = vat ]; then
+  declare -A VARIANTS=(
+    [normalised-adversarial]="--normalise-embeddings"
+    [vat]="--normalise-embeddings --adv-eps 0 --vat-eps 5"
+    [adversarial-and-vat]="--normalise-embeddings --vat-eps 5"
+    [vat-longer]="--normalise-embeddings --adv-eps 0 --vat-eps 5 --epochs 12"
+  )
+else
+  declare -A VARIANTS=(
+    [no-gradual-unfreezing]="--no-gradual-unfreezing"
+    [one-learning-rate]="--lr-group-decay 1"
+    [no-per-step-loss]="--aux-weight 0"
+    [longer-fine-tuning]="--epochs 12"
+  )
+fi
 pids=()
 for name in "${!VARIANTS[@]}"; do
   state=/tmp/ablation/$name
