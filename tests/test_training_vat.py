@@ -148,3 +148,14 @@ def test_a_stopped_vat_run_resumes_exactly(vat_run, capsys) -> None:
     once = torch.load(root / "once" / "ckpt" / "finetune-full.pt", weights_only=False)["weights"]
     stopped = torch.load(root / "stopped" / "ckpt" / "finetune-full.pt", weights_only=False)["weights"]
     assert once.keys() == stopped.keys() and all(torch.equal(once[k], stopped[k]) for k in once)
+
+
+def test_another_training_seed_keeps_the_validation_split_and_changes_the_weights(vat_run) -> None:
+    root, data = vat_run
+    assert train.main(tiny_run_flags(data, root, "seed2") + VAT_FLAGS + ["--training-seed", "5"]) == 0
+    runs = [json.loads((root / name / "state" / "run.json").read_text()) for name in ("once", "seed2")]
+    assert runs[0]["split"] == runs[1]["split"]  # the same validation reviews: a paired comparison
+    assert runs[1]["recipe"]["training_seed"] == 5 and runs[0]["recipe"]["training_seed"] is None
+    a = torch.load(root / "once" / "ckpt" / "finetune-full.pt", weights_only=False)["weights"]
+    b = torch.load(root / "seed2" / "ckpt" / "finetune-full.pt", weights_only=False)["weights"]
+    assert not torch.equal(a["head.weight"], b["head.weight"])

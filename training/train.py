@@ -66,7 +66,7 @@ RECIPE = ["split", "val_fraction", "seed", "max_train", "max_tokens", "vocab_siz
           "lm_lr", "lm_warmup_steps", "lm_weight_decay", "lm_dropout", "lm_clip", "lm_eval_tokens", "probe_reviews",
           "epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction", "ema_decay",
           "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay", "normalise_embeddings", "vat_eps",
-          "vat_weight", "vat_xi", "init_from"]
+          "vat_weight", "vat_xi", "training_seed", "init_from"]
 # Recipe flags a continuation may change: the planned length of a phase (its schedule stretches).
 EXTENDABLE = {"lm_epochs", "epochs"}
 # A phase's own flags stay open until the phase has started (so a copy of a run's state can try
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation split: whole movies held out (default) or random reviews (leaks movies)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="share of train/ reviews held out for validation")
     g.add_argument("--seed", type=int, default=13, help="seed of the split, shuffles, initialisation and dropout")
+    g.add_argument("--training-seed", type=int, default=None,
+                   help="seed of initialisation, shuffles and dropout only (default: --seed): another seed of a "
+                   "recipe on the same validation split, for a paired comparison")
     g.add_argument("--max-train", type=int, default=None, help="use only this many training reviews (smoke runs)")
     g.add_argument("--max-tokens", type=int, default=400, help="classifier truncation length (the end is kept)")
     g.add_argument("--vocab-size", type=int, default=25_000, help="vocabulary size including <pad> and <unk>")
@@ -189,6 +192,12 @@ def given_flags(argv: Sequence[str] | None) -> set[str]:
     a flag given with its default value still counts as given."""
     words = {w.split("=", 1)[0] for w in (sys.argv[1:] if argv is None else argv) if w.startswith("--")}
     return {a.dest for a in build_parser()._actions if words & set(a.option_strings)}
+
+
+def training_seed(args: argparse.Namespace) -> int:
+    """The seed of initialisation, shuffles and dropout: --training-seed, or --seed (which also draws
+    the split) when it is not given."""
+    return args.seed if args.training_seed is None else args.training_seed
 
 
 def log(message: str) -> None:
@@ -405,7 +414,7 @@ def stage_language_model(args: argparse.Namespace, encoded: EncodedCorpus, split
                    clip=args.lm_clip, bf16=use_bf16(args), eval_tokens=args.lm_eval_tokens)
     log(f"language model: {sum(len(t) + 1 for t in texts):,} tokens per epoch from {len(texts):,} reviews, "
         f"{len(held_out):,} held-out reviews; {'bf16' if cfg.bf16 else 'fp32'}")
-    return pretrain_language_model(model, texts, held_out, cfg, args.seed, state, timebox, probe, log, head_weights)
+    return pretrain_language_model(model, texts, held_out, cfg, training_seed(args), state, timebox, probe, log, head_weights)
 
 
 def evaluate_split(model: SentimentLSTM, ids: list[list[int]], labels: list[int]) -> dict:
@@ -436,7 +445,7 @@ def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Spl
     if cfg.vat_eps > 0:  # what the classifier reads of each: its truncation policy
         unlabelled = [np.asarray(vocab.truncate(x.tolist())[0], dtype=np.int32) for x in pretraining_text if len(x)]
         log(f"fine-tuning: virtual adversarial training on {len(unlabelled):,} unlabelled reviews")
-    report = fine_tune(model, train, cfg, args.seed, state, timebox, lambda m: evaluate_split(m, val_ids, val_labels),
+    report = fine_tune(model, train, cfg, training_seed(args), state, timebox, lambda m: evaluate_split(m, val_ids, val_labels),
                        log, unlabelled, freqs)
     model.eval()
     probs = predict_ids(model, val_ids, model_device(model))
@@ -567,7 +576,7 @@ def main(argv: Sequence[str] | None = None, handle_signals: bool = False) -> int
     started = time.time()
     state = RunState(args.state_dir, args.checkpoint_dir)
     adopt_recipe(args, state, given_flags(argv))
-    seed_everything(args.seed)
+    seed_everything(training_seed(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     timebox = TimeBox(args.stop_after_minutes, args.stop_after_steps, args.checkpoint_every_minutes, handle_signals)
