@@ -15,6 +15,7 @@ from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
 from tests.conftest import TINY_WORDS, write_fake_imdb
 from training import card as model_card
+from training import card_figures
 from training.data import TokenizedCorpus
 from training.state import RunState
 from training.train import stage_test
@@ -24,19 +25,19 @@ SHIPPED_CARD = ROOT / "model_artifacts" / "model_card.json"
 
 
 def test_wilson_interval_matches_the_formula_and_stays_inside_0_1() -> None:
-    low, high = model_card.wilson_interval(23_173, 25_000)
+    low, high = card_figures.wilson_interval(23_173, 25_000)
     assert low < 23_173 / 25_000 < high and high - low == pytest.approx(2 * 1.96 * math.sqrt(0.927 * 0.073 / 25_000),
                                                                         rel=0.01)
-    assert model_card.wilson_interval(10, 10)[1] <= 1 and model_card.wilson_interval(0, 10)[0] >= 0
+    assert card_figures.wilson_interval(10, 10)[1] <= 1 and card_figures.wilson_interval(0, 10)[0] >= 0
 
 
 def test_calibrated_probabilities_have_a_small_ece_and_overconfident_ones_a_large_one() -> None:
     rng = np.random.default_rng(0)
     p = rng.uniform(0, 1, 40_000)
     y = (rng.uniform(0, 1, p.size) < p).astype(int)  # labels drawn from the probabilities: calibrated
-    assert model_card.reliability(p.tolist(), y.tolist())["ece"] < 0.01
+    assert card_figures.reliability(p.tolist(), y.tolist())["ece"] < 0.01
     sharp = np.where(p >= 0.5, 0.999, 0.001)
-    assert model_card.reliability(sharp.tolist(), y.tolist())["ece"] > 0.2
+    assert card_figures.reliability(sharp.tolist(), y.tolist())["ece"] > 0.2
 
 
 def test_temperature_fit_recovers_a_known_temperature_and_lowers_the_ece() -> None:
@@ -44,11 +45,11 @@ def test_temperature_fit_recovers_a_known_temperature_and_lowers_the_ece() -> No
     z = rng.normal(0, 3, 30_000)
     y = (rng.uniform(0, 1, z.size) < 1 / (1 + np.exp(-z / 2))).astype(int)  # the truth is sigmoid(z / 2)
     p = (1 / (1 + np.exp(-z))).tolist()  # the model says sigmoid(z): over-confident by T = 2
-    assert model_card.fit_temperature(p, y.tolist()) == pytest.approx(2.0, rel=0.05)
-    report = model_card.temperature_report(p, y.tolist())
+    assert card_figures.fit_temperature(p, y.tolist()) == pytest.approx(2.0, rel=0.05)
+    report = card_figures.temperature_report(p, y.tolist())
     assert report["lowers_validation_ece"] and report["validation"]["ece_after"] < 0.02
-    assert model_card.accuracy_with_interval(model_card.scale(p, 2.0), y.tolist())["accuracy"] == \
-        model_card.accuracy_with_interval(p, y.tolist())["accuracy"]  # labels never change
+    assert card_figures.accuracy_with_interval(card_figures.scale(p, 2.0), y.tolist())["accuracy"] == \
+        card_figures.accuracy_with_interval(p, y.tolist())["accuracy"]  # labels never change
 
 
 def test_folding_the_temperature_into_the_head_divides_every_logit(tmp_path: Path) -> None:

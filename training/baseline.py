@@ -66,7 +66,7 @@ def run(data: str | Path, grid: Sequence[float], min_df: int = 2, split_kind: st
 
     from sentiment.artifacts import file_sha256
     from sentiment.imdb import read_imdb
-    from training.card import wilson_interval
+    from training.card_figures import wilson_interval
     from training.data import make_split
 
     reviews = read_imdb(data, ("train", "test"))

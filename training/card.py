@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import platform
 import re
 import shlex
@@ -25,166 +24,22 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 
-from sentiment import LABEL_THRESHOLD
+from training.card_figures import (ECE_BINS, LENGTH_BUCKETS, accuracy_by, accuracy_with_interval, bucket_name,
+                                    length_bucket, per_class, reliability, scale, temperature_report)
+from training.card_render import render
 
 CARD = Path("model_artifacts/model_card.json")
 PREDICTIONS = Path("training_state/r2/test_predictions.json.gz")
 VALIDATION = Path("training_state/r2/validation_predictions.json")
 PLOT = Path("docs/model-card-reliability.png")
 DOC = Path("docs/model-card.md")
-ECE_BINS = 15
-# Review-length buckets in spaCy tokens (the service's tokenizer), before truncation: the model reads
-# only the last 400, so the last bucket is the reviews whose beginning it never sees.
-LENGTH_BUCKETS = [(0, 100), (101, 200), (201, 400), (401, None)]
 FIRST_SENTENCE_METHOD = ('spacy.blank("en") + the rule-based "sentencizer" pipe on the review with its '
                          "HTML line breaks replaced by spaces; the first sentence, stripped")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Figures (pure functions of probabilities and labels)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95 % by default); sound near 0 and 1, unlike p ± z·se."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
-
-
-def accuracy_with_interval(probs: Sequence[float], labels: Sequence[int]) -> dict:
-    """Accuracy, correct count and its 95 % Wilson interval."""
-    correct = sum(int((p >= LABEL_THRESHOLD) == bool(y)) for p, y in zip(probs, labels))
-    low, high = wilson_interval(correct, len(labels))
-    return {"accuracy": round(correct / len(labels), 6) if labels else 0.0, "n": len(labels), "correct": correct,
-            "interval_95": [round(low, 6), round(high, 6)]}
-
-
-def per_class(probs: Sequence[float], labels: Sequence[int]) -> dict:
-    """Precision and recall of each class (negative = 0, positive = 1), with their support."""
-    out = {}
-    for name, cls in (("negative", 0), ("positive", 1)):
-        pred = [int(p >= LABEL_THRESHOLD) == cls for p in probs]
-        true = [y == cls for y in labels]
-        tp = sum(a and b for a, b in zip(pred, true))
-        out[name] = {"precision": round(tp / max(1, sum(pred)), 6), "recall": round(tp / max(1, sum(true)), 6),
-                     "support": sum(true), "predicted": sum(pred)}
-    return out
-
-
-def reliability(probs: Sequence[float], labels: Sequence[int], bins: int = ECE_BINS) -> dict:
-    """Expected calibration error over ``bins`` equal-width bins of the predicted label's confidence.
-
-    Confidence is max(p, 1 − p), so the bins span [0.5, 1]; ECE = Σ_bins (n_b / n) · |accuracy_b −
-    mean confidence_b| (Guo et al. 2017). Also the bins themselves, for the reliability plot.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(labels)
-    conf = np.maximum(p, 1 - p)
-    correct = (p >= LABEL_THRESHOLD) == (y == 1)
-    edges = np.linspace(0.5, 1.0, bins + 1)
-    idx = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, bins - 1)
-    rows, ece = [], 0.0
-    for b in range(bins):
-        mask = idx == b
-        n = int(mask.sum())
-        if n:
-            acc, mean_conf = float(correct[mask].mean()), float(conf[mask].mean())
-            ece += n / len(p) * abs(acc - mean_conf)
-            rows.append({"low": round(float(edges[b]), 4), "high": round(float(edges[b + 1]), 4), "n": n,
-                         "accuracy": round(acc, 6), "confidence": round(mean_conf, 6)})
-    return {"ece": round(ece, 6), "bins": bins, "binning": "equal-width bins of max(p, 1-p) over [0.5, 1]",
-            "reliability": rows}
-
-
-def _logits(probs: Sequence[float]) -> np.ndarray:
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
-
-
-def scale(probs: Sequence[float], temperature: float) -> list[float]:
-    """Probabilities with their logits divided by ``temperature`` (labels unchanged: the sign stays)."""
-    return (1 / (1 + np.exp(-_logits(probs) / temperature))).tolist()
-
-
-def nll(probs: Sequence[float], labels: Sequence[int]) -> float:
-    """Mean negative log-likelihood of the labels."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
-    y = np.asarray(labels)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def fit_temperature(probs: Sequence[float], labels: Sequence[int]) -> float:
-    """The temperature T minimising the NLL of sigmoid(logit / T) (golden-section search on log T).
-
-    The NLL is convex in 1/T, so the one-dimensional search finds the minimum; T > 1 softens
-    over-confident probabilities, T < 1 sharpens them. Accuracy cannot change.
-    """
-    z = _logits(probs)
-    y = np.asarray(labels, dtype=np.float64)
-
-    def loss(log_t: float) -> float:
-        s = z / math.exp(log_t)
-        return float(np.mean(np.logaddexp(0, s) - y * s))
-
-    lo, hi = math.log(0.05), math.log(20.0)
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = loss(a), loss(b)
-    for _ in range(100):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = loss(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = loss(b)
-    return math.exp((lo + hi) / 2)
-
-
-def temperature_report(val_probs: Sequence[float], val_labels: Sequence[int],
-                       test_probs: Sequence[float] | None = None, test_labels: Sequence[int] | None = None) -> dict:
-    """Fit T on validation; ECE and NLL before and after, on validation (and on test when given)."""
-    t = fit_temperature(val_probs, val_labels)
-    out: dict[str, Any] = {"temperature": round(t, 4), "fitted_on": "validation (movie-grouped), by minimising NLL"}
-    sets = [("validation", val_probs, val_labels)]
-    if test_probs is not None and test_labels is not None:
-        sets.append(("test", test_probs, test_labels))
-    for name, p, y in sets:
-        scaled = scale(p, t)
-        out[name] = {"ece_before": reliability(p, y)["ece"], "ece_after": reliability(scaled, y)["ece"],
-                     "nll_before": round(nll(p, y), 6), "nll_after": round(nll(scaled, y), 6)}
-    out["lowers_validation_ece"] = out["validation"]["ece_after"] < out["validation"]["ece_before"]
-    return out
-
-
-def bucket_name(low: int, high: int | None) -> str:
-    return f"{low}-{high}" if high is not None else f">{low - 1}"
-
-
-def accuracy_by(probs: Sequence[float], labels: Sequence[int], groups: Sequence[Any], order: Iterable[Any]) -> dict:
-    """Accuracy with its Wilson interval for each group (in ``order``), and each group's share of errors."""
-    out = {}
-    for g in order:
-        idx = [i for i, x in enumerate(groups) if x == g]
-        if idx:
-            out[str(g)] = accuracy_with_interval([probs[i] for i in idx], [labels[i] for i in idx])
-            out[str(g)].pop("correct")
-    return out
-
-
-def length_bucket(tokens: int) -> str:
-    for low, high in LENGTH_BUCKETS:
-        if tokens >= low and (high is None or tokens <= high):
-            return bucket_name(low, high)
-    raise ValueError(tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -583,128 +438,6 @@ def cmd_describe(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     return 0
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f} %"
-
-
-def _interval(d: dict) -> str:
-    lo, hi = d["interval_95"]
-    return f"{_pct(d['accuracy'])} ({_pct(lo)} – {_pct(hi)})"
-
-
-def render(card: dict) -> str:
-    """docs/model-card.md from the model card (the test in tests/ keeps the committed file equal to this)."""
-    m = card["metrics"]
-    cfg = card["architecture"]["config"]
-    L: list[str] = [f"# Model card: `{card['version']}`", "",
-                    "<!-- Generated from model_artifacts/model_card.json by `python -m training.card render`; "
-                    "do not edit by hand. -->", "",
-                    f"**Task:** {card['task']}. **Model:** {card['architecture']['type']}; "
-                    f"{card['architecture']['parameters']:,} parameters, embedding "
-                    f"{cfg['embedding_dim']}, hidden {cfg['hidden_size']}, "
-                    f"vocabulary {card['vocab_size']:,}, reads the last {card['tokenizer']['max_tokens']} tokens.", ""]
-    for title, key in (("Intended use", "intended_use"), ("Out of scope", "out_of_scope"),
-                       ("Limitations", "limitations")):
-        L += [f"## {title}", ""] + [f"- {x}" for x in card.get(key, [])] + [""]
-    if "test_interval" in m:
-        t, src = m["test_interval"], m["analysis"]
-        L += ["## Accuracy", "",
-              f"On the 25,000 IMDB test reviews: **{_interval(t)}** ({t['correct']:,} of {t['n']:,} right; "
-              f"{t['interval_method']}). Scored {src['scored'][:10]} in {src['precision']} on {src['device']} "
-              f"({src['how']}); {src['note']}. The export's own test stage (fp32) gave "
-              f"{_pct(m['test']['accuracy'])}. Movie-grouped validation (2,500 reviews of 337 movies no training "
-              f"review shares): {_pct(m['validation']['accuracy'])}.", "",
-              "| class | precision | recall | reviews |", "|---|---:|---:|---:|"]
-        for name, c in t["per_class"].items():
-            L.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['support']:,} |")
-        L.append("")
-    if "calibration" in m:
-        c = m["calibration"]
-        ts = c["temperature_scaling"]
-        L += ["## Calibration", "",
-              f"Expected calibration error on test: **{c['ece']:.4f}** ({c['bins']} {c['binning']}); on the "
-              f"validation: {c['validation_ece']:.4f}.", "",
-              "![Reliability diagram](model-card-reliability.png)", "",
-              f"Temperature scaling, fitted on the validation predictions only ({ts['fitted_on']}): "
-              f"**T = {ts['temperature']:.4f}**.", "",
-              "| | ECE before | ECE after | NLL before | NLL after |", "|---|---:|---:|---:|---:|"]
-        for name in ("validation", "test"):
-            r = ts[name]
-            L.append(f"| {name} | {r['ece_before']:.4f} | {r['ece_after']:.4f} | {r['nll_before']:.4f} | "
-                     f"{r['nll_after']:.4f} |")
-        verdict = ("it would lower the validation ECE" if ts["lowers_validation_ece"] else
-                   "it does not lower the validation ECE either, though it lowers the validation NLL slightly")
-        L += ["", "The shipped model.pt is unchanged: folding T into it would change every probability users have "
-              f"seen, and {verdict}. `training.train --temperature-from-validation` (the default) folds the "
-              "validation-fitted temperature into a new candidate's head only when it lowers the validation ECE.",
-              ""]
-    if "slices" in m:
-        s = m["slices"]
-        L += ["## Accuracy by review length", "", f"Length: {s['by_length']['unit']}.", "",
-              "| tokens | reviews | accuracy (95 % interval) |", "|---|---:|---:|"]
-        L += [f"| {k} | {v['n']:,} | {_interval(v)} |" for k, v in s["by_length"]["buckets"].items()]
-        L += ["", "## Accuracy by star rating", "", f"Rating: {s['by_rating']['unit']}.", "",
-              "| rating | reviews | accuracy (95 % interval) |", "|---:|---:|---:|"]
-        L += [f"| {k} | {v['n']:,} | {_interval(v)} |" for k, v in s["by_rating"]["ratings"].items()]
-        L.append("")
-    if "short_inputs" in m:
-        f = m["short_inputs"]["first_sentence"]
-        L += ["## Short inputs: the first sentence of each review", "",
-              f"Each test review cut to its first sentence ({f['method']}; median {f['median_tokens']} tokens; "
-              f"{f['unscorable']} empty and left out): **{_interval(f)}** on {f['n']:,}, ECE {f['ece']:.4f}; "
-              f"negative recall {f['per_class']['negative']['recall']:.4f}, positive recall "
-              f"{f['per_class']['positive']['recall']:.4f}.", ""]
-    b = card.get("baseline", {})
-    if b:
-        L += ["## Linear baseline", "",
-              f"TF-IDF + logistic regression: **{_pct(b['tfidf_logistic_regression_test_accuracy'])}** on test"
-              + (f" ({_pct(b['test_interval_95'][0])} – {_pct(b['test_interval_95'][1])}); {b['method']}; "
-                 f"tokenisation: `{b['tokenisation']}`; C = {b['C']:g} (validation {_pct(b['validation_accuracy'])}). "
-                 f"`{b['command']}`, {b['date'][:10]}." if "method" in b else f" ({b.get('note', '')})."), ""]
-    log = m.get("test_evaluations", [])
-    if log:
-        L += ["## Every evaluation on the test set", "", m.get("test_evaluations_note", ""), "",
-              "| date | what | precision | how | accuracy | n | purpose |", "|---|---|---|---|---:|---:|---|"]
-        for e in log:
-            acc = (" / ".join(f"{k} {_pct(v)}" for k, v in e["accuracy_by_precision"].items())
-                   if "accuracy_by_precision" in e else _pct(e["accuracy"]))
-            cells = [e["date"], e["what"], e["precision"], e["how"], acc, f"{e['n']:,}", e["purpose"]]
-            L.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
-        L.append("")
-    p = card.get("provenance")
-    if p:
-        L += ["## Provenance", "", f"- Data: {card['data']['source']}, archive sha256 `{p['data_archive_sha256']}`; "
-              f"{card['data']['train_reviews']:,} training / {card['data']['validation_reviews']:,} validation reviews "
-              f"({card['data']['split']['kind']}-grouped split, seed {card['data']['split']['seed']}), "
-              f"{card['data']['unsup_reviews_for_pretraining']:,} unlabelled reviews for pre-training."]
-        code = p["code"]
-        L.append(f"- Code: trained with commit `{code.get('trained_with_commit')}`, exported with "
-                 f"`{code.get('exported_with_commit')}`" + (f". {code['note']}" if code.get("note") else "") + ".")
-        sw = p["software"]
-        L.append(f"- Software: training {sw['training']}; export and test: torch {sw['export_and_test'].get('torch')}, "
-                 f"Python {sw['export_and_test'].get('python')}.")
-        for phase, devices in p["hardware_by_phase"].items():
-            if isinstance(devices, list):
-                text = "; ".join(f"{d['device']} ({d['sessions']} session{'s' if d['sessions'] > 1 else ''} from "
-                                 f"{d['first'][:16]})" for d in devices)
-            else:
-                text = (f"{devices.get('cpu_model')} ({devices.get('cpu_cores')} cores, {devices.get('cpu_threads')} "
-                        f"torch threads, {devices.get('machine')})")
-            label = {"language_model_of_the_initial_run": "Language model of the run this one continued (--init-from)",
-                     "export_and_test": "Export and test"}.get(phase, phase.replace("_", " ").capitalize())
-            L.append(f"- {label}: {text}")
-        L.append("")
-    L += ["## Reproduce", "", "Every figure on this page comes from code in the repository:", "", "```bash",
-          "pip install -e \".[train,baseline]\"",
-          "python -m training.card score --data ../shared/data/aclImdb_v1.tar.gz   # once: writes "
-          "training_state/r2/test_predictions.json.gz, logs the evaluation",
-          "python -m training.card figures   # interval, classes, calibration, temperature, slices, plot (no scoring)",
-          "python -m training.card describe ...   # provenance: the command below",
-          "python -m training.baseline --data ../shared/data/aclImdb_v1.tar.gz   # the linear baseline",
-          "python -m training.card render    # this page", "```", ""]
-    if p and p.get("command"):
-        L += ["The provenance was written by:", "", "```bash", p["command"], "```", ""]
-    return "\n".join(L)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
