@@ -159,3 +159,28 @@ def test_another_training_seed_keeps_the_validation_split_and_changes_the_weight
     a = torch.load(root / "once" / "ckpt" / "finetune-full.pt", weights_only=False)["weights"]
     b = torch.load(root / "seed2" / "ckpt" / "finetune-full.pt", weights_only=False)["weights"]
     assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
+def test_distillation_learns_a_teachers_probabilities_computed_once(vat_run, capsys) -> None:
+    root, data = vat_run
+    teacher = root / "once" / "art"  # the VAT run's export: same corpus, same vocabulary
+    flags = tiny_run_flags(data, root, "student") + ["--no-test", "--distill-from", str(teacher),
+                                                     "--distill-weight", "1.0"]
+    assert train.main(flags) == 0
+    assert "teacher " in capsys.readouterr().out
+    state = root / "student" / "state"
+    history = json.loads((state / "run.json").read_text())["phases"]["finetune"]["history"]
+    assert all(h["train_distill_loss"] > 0 for h in history)
+    import numpy as np
+
+    with np.load(state / "teacher.npz") as z:
+        probs = z["probabilities"]
+        assert ((probs > 0) & (probs < 1)).all() and len(probs) > 0
+    # The finished run exported again: the teacher's probabilities are read back, not recomputed.
+    assert train.main(flags) == 0
+    assert "teacher " not in capsys.readouterr().out
+    # Another teacher for the same run is refused rather than silently mixed in.
+    other = tiny_run_flags(data, root, "student") + ["--no-test", "--distill-from", str(teacher), str(teacher),
+                                                     "--distill-weight", "1.0"]
+    with pytest.raises(SystemExit):
+        train.main(other)

@@ -11,6 +11,10 @@
   loss with respect to it (‖·‖ over the whole example; σ is the embedding matrix's standard
   deviation, so ε is measured in units of normalised embeddings, as in the paper), and the loss on
   the perturbed input is added. Training-only: the exported model is the plain SentimentLSTM.
+- Optionally (issue 28): **normalised embeddings** and **virtual adversarial training** on unlabelled
+  reviews (:mod:`training.adversarial`), and **distillation**: binary cross-entropy between the
+  model's last-token prediction and a teacher's probability (an ensemble of exported models, or a
+  larger one) on the same unlabelled batches.
 
 Resumable mid-epoch like the language model: :class:`FineTunePhase` supplies the step and the
 epoch's evaluation to the shared loop (``training/loop.py``), which owns resuming, the learning-rate
@@ -69,6 +73,7 @@ class FineTuneConfig:
     vat_eps: float = 0.0  # virtual adversarial training on unlabelled reviews (0: off)
     vat_weight: float = 1.0
     vat_xi: float = 0.1  # norm of the power iteration's random start
+    distill_weight: float = 0.0  # BCE to a teacher's probabilities on the unlabelled reviews (0: off)
     aux_weight: float = 0.2
     clip: float = 1.0
     bf16: bool = False
@@ -147,6 +152,7 @@ class FineTuneTally:
     loss_sum: float = 0.0
     adv_sum: float = 0.0
     vat_sum: float = 0.0  # VAT loss × unlabelled batches (a batch mean each)
+    distill_sum: float = 0.0  # distillation loss, the same way
     correct: int = 0
     seen: int = 0
 
@@ -159,7 +165,7 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
 
     def __init__(self, model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cfg: FineTuneConfig,
                  seed: int, evaluate: Callable[[SentimentLSTM], dict], unlabelled: Sequence[Sequence[int]] = (),
-                 freqs: torch.Tensor | None = None) -> None:
+                 freqs: torch.Tensor | None = None, teacher: Sequence[float] | None = None) -> None:
         self.model, self.cfg, self.seed, self.evaluate = model, cfg, seed, evaluate
         self.ids, self.labels = train
         self.freqs = freqs
@@ -167,9 +173,11 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
             if freqs is None:
                 raise ValueError("normalised embeddings need the word frequencies")
             fold_normalisation(model, freqs)  # before the optimizer sees the parameters
-        if cfg.vat_eps > 0 and not unlabelled:
-            raise ValueError("virtual adversarial training needs unlabelled reviews")
-        self.unlabelled = unlabelled
+        if (cfg.vat_eps > 0 or cfg.distill_weight > 0) and not unlabelled:
+            raise ValueError("virtual adversarial training and distillation need unlabelled reviews")
+        if cfg.distill_weight > 0 and (teacher is None or len(teacher) != len(unlabelled)):
+            raise ValueError("distillation needs a teacher probability for every unlabelled review")
+        self.unlabelled, self.teacher = unlabelled, teacher
         self.unlabelled_lengths = [len(x) for x in unlabelled]
         self.unlabelled_batches: list[list[int]] = []
         self.groups = parameter_groups(model)
@@ -208,7 +216,7 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
 
     def start_epoch(self, position: Position[FineTuneTally]) -> int:
         self.batches = length_buckets(self.lengths, self.cfg.batch_size, seed=self.seed + position.epoch)
-        if self.cfg.vat_eps > 0:  # a new draw of unlabelled batches every epoch, reproducible from the epoch
+        if self.uses_unlabelled:  # a new draw of unlabelled batches every epoch, reproducible from the epoch
             self.unlabelled_batches = length_buckets(self.unlabelled_lengths, self.cfg.batch_size,
                                                      seed=self.seed + 7919 * position.epoch)
         self.trainable = unfrozen_groups(position.epoch, self.cfg.gradual_unfreezing)
@@ -230,14 +238,32 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
         tally.adv_sum += float(parts.get("adversarial", 0.0)) * len(batch)
         tally.correct += int(((parts["last"] > 0).float() == y).sum())
         tally.seen += len(batch)
-        if self.cfg.vat_eps > 0:
-            pick = self.unlabelled_batches[position.batch % len(self.unlabelled_batches)]
-            u_ids, u_lens = pad_batch([list(self.unlabelled[i]) for i in pick])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                vat = virtual_adversarial_loss(self.model, u_ids.to(device), u_lens.to(device), self.cfg.vat_eps,
-                                               self.cfg.vat_xi)
-            tally.vat_sum += float(vat.detach()) * len(batch)
-            loss = loss + self.cfg.vat_weight * vat
+        if self.uses_unlabelled:
+            loss = loss + self.unlabelled_loss(position, len(batch))
+        return loss
+
+    @property
+    def uses_unlabelled(self) -> bool:
+        return self.cfg.vat_eps > 0 or self.cfg.distill_weight > 0
+
+    def unlabelled_loss(self, position: Position[FineTuneTally], labelled: int) -> torch.Tensor:
+        """VAT and distillation on this step's batch of unlabelled reviews (tallied per labelled review)."""
+        device, cfg, tally = model_device(self.model), self.cfg, position.tally
+        pick = self.unlabelled_batches[position.batch % len(self.unlabelled_batches)]
+        ids, lens = pad_batch([list(self.unlabelled[i]) for i in pick])
+        ids, lens = ids.to(device), lens.to(device)
+        loss = torch.zeros((), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            if cfg.vat_eps > 0:
+                vat = virtual_adversarial_loss(self.model, ids, lens, cfg.vat_eps, cfg.vat_xi)
+                tally.vat_sum += float(vat.detach()) * labelled
+                loss = loss + cfg.vat_weight * vat
+            if cfg.distill_weight > 0:
+                target = torch.tensor([self.teacher[i] for i in pick], dtype=torch.float32, device=device)
+                student = last_logit(step_logits_from_embeddings(self.model, self.model.embedding(ids)), lens)
+                distill = F.binary_cross_entropy_with_logits(student.float(), target)
+                tally.distill_sum += float(distill.detach()) * labelled
+                loss = loss + cfg.distill_weight * distill
         return loss
 
     def after_step(self, position: Position[FineTuneTally]) -> None:
@@ -262,6 +288,7 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
         return {"trainable_groups": [name for name, _ in self.groups[frozen:]],
                 "train_loss": round(t.loss_sum / seen, 5), "train_adversarial_loss": round(t.adv_sum / seen, 5),
                 **({"train_vat_loss": round(t.vat_sum / seen, 5)} if self.cfg.vat_eps > 0 else {}),
+                **({"train_distill_loss": round(t.distill_sum / seen, 5)} if self.cfg.distill_weight > 0 else {}),
                 "train_accuracy": round(t.correct / seen, 5),
                 "val_accuracy": raw["accuracy"], "val_accuracy_ema": avg["accuracy"],
                 "seconds": round(position.seconds, 1),
@@ -290,17 +317,18 @@ class FineTunePhase(TrainingPhase[FineTuneTally]):
 def fine_tune(model: SentimentLSTM, train: tuple[list[list[int]], list[int]], cfg: FineTuneConfig, seed: int,
               state: RunState, timebox: TimeBox, evaluate: Callable[[SentimentLSTM], dict],
               log: Callable[[str], None] = print, unlabelled: Sequence[Sequence[int]] = (),
-              freqs: torch.Tensor | None = None) -> dict:
+              freqs: torch.Tensor | None = None, teacher: Sequence[float] | None = None) -> dict:
     """Fine-tune ``model`` on ``train`` (ids, labels), resumably; leaves the EMA weights in ``model``.
 
     ``evaluate`` scores a model on the validation split (a metrics dict with ``accuracy``); it runs on
     the raw and the averaged weights after every epoch. ``unlabelled`` (id sequences, truncated like
     the classifier's input) feeds virtual adversarial training; ``freqs`` (per id) the embedding
-    normalisation. Raises :class:`TimeBoxReached` after a
+    normalisation; ``teacher`` (one probability per unlabelled review) the distillation. Raises :class:`TimeBoxReached` after a
     checkpoint when the time box runs out. Returns the phase report for the model card.
     """
     record = state.phase(PHASE)
-    TrainingLoop(FineTunePhase(model, train, cfg, seed, evaluate, unlabelled, freqs), state, timebox, log).run()
+    phase = FineTunePhase(model, train, cfg, seed, evaluate, unlabelled, freqs, teacher)
+    TrainingLoop(phase, state, timebox, log).run()
     plain_embedding(model)  # a run finished earlier loaded its final (baked) weights into the wrapper
     return {"history": record["history"], "config": asdict(cfg), "exported_weights": "ema",
             "seconds": training_seconds(record["history"])}

@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sentiment.artifacts import cpu_has_bf16, cpu_model, export_artifacts, load_artifacts
+from sentiment.artifacts import cpu_has_bf16, cpu_model, export_artifacts, file_sha256, load_artifacts
 from sentiment.model import ModelConfig, SentimentLSTM
 from sentiment.text import TokenizerSettings, Vocabulary
 from training.card import (INTENDED_USE, LIMITATIONS, OUT_OF_SCOPE, append_test_evaluation, baseline_result,
@@ -66,7 +66,7 @@ RECIPE = ["split", "val_fraction", "seed", "max_train", "max_tokens", "vocab_siz
           "lm_lr", "lm_warmup_steps", "lm_weight_decay", "lm_dropout", "lm_clip", "lm_eval_tokens", "probe_reviews",
           "epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction", "ema_decay",
           "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay", "normalise_embeddings", "vat_eps",
-          "vat_weight", "vat_xi", "training_seed", "init_from"]
+          "vat_weight", "vat_xi", "distill_from", "distill_weight", "training_seed", "init_from"]
 # Recipe flags a continuation may change: the planned length of a phase (its schedule stretches).
 EXTENDABLE = {"lm_epochs", "epochs"}
 # A phase's own flags stay open until the phase has started (so a copy of a run's state can try
@@ -76,7 +76,7 @@ PHASE_FLAGS = {
            "lm_eval_tokens", "probe_reviews"},
     "finetune": {"epochs", "batch_size", "lr", "lr_group_decay", "gradual_unfreezing", "warmup_fraction",
                  "ema_decay", "adv_eps", "adv_weight", "aux_weight", "clip", "weight_decay", "normalise_embeddings",
-                 "vat_eps", "vat_weight", "vat_xi"},
+                 "vat_eps", "vat_weight", "vat_xi", "distill_from", "distill_weight"},
 }
 
 
@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(training part + unsup, never validation; 0: off; the paper uses 5 on normalised embeddings)")
     g.add_argument("--vat-weight", type=float, default=1.0, help="weight of the virtual adversarial loss")
     g.add_argument("--vat-xi", type=float, default=0.1, help="norm of VAT's random start for its power iteration")
+    g.add_argument("--distill-from", nargs="+", default=None, metavar="ARTIFACTS",
+                   help="teacher(s): exported artifact directories with this run's vocabulary; their mean "
+                   "probability on every unlabelled review (training part + unsup) is computed once, kept in "
+                   "--state-dir (teacher.npz), and the model learns it with --distill-weight")
+    g.add_argument("--distill-weight", type=float, default=0.0, help="weight of the distillation loss (0: off)")
     g.add_argument("--aux-weight", type=float, default=0.2,
                    help="weight of the loss on every timestep (target replication); the rest is on the last step")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping in fine-tuning")
@@ -438,15 +443,22 @@ def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Spl
                          ema_decay=args.ema_decay, adv_eps=args.adv_eps, adv_weight=args.adv_weight,
                          aux_weight=args.aux_weight, clip=args.clip, weight_decay=args.weight_decay,
                          normalise_embeddings=args.normalise_embeddings, vat_eps=args.vat_eps,
-                         vat_weight=args.vat_weight, vat_xi=args.vat_xi, bf16=use_bf16(args))
+                         vat_weight=args.vat_weight, vat_xi=args.vat_xi, distill_weight=args.distill_weight,
+                         bf16=use_bf16(args))
     pretraining_text = [encoded.train[i] for i in split.train] + encoded.unsup  # never validation reviews
     freqs = id_frequencies(pretraining_text, len(vocab)) if cfg.normalise_embeddings else None
     unlabelled: list[np.ndarray] = []
-    if cfg.vat_eps > 0:  # what the classifier reads of each: its truncation policy
+    teacher = None
+    if cfg.vat_eps > 0 or cfg.distill_weight > 0:  # what the classifier reads of each: its truncation policy
         unlabelled = [np.asarray(vocab.truncate(x.tolist())[0], dtype=np.int32) for x in pretraining_text if len(x)]
-        log(f"fine-tuning: virtual adversarial training on {len(unlabelled):,} unlabelled reviews")
-    report = fine_tune(model, train, cfg, training_seed(args), state, timebox, lambda m: evaluate_split(m, val_ids, val_labels),
-                       log, unlabelled, freqs)
+        log(f"fine-tuning: {len(unlabelled):,} unlabelled reviews for "
+            + " and ".join(n for n, on in (("VAT", cfg.vat_eps > 0), ("distillation", cfg.distill_weight > 0)) if on))
+    if cfg.distill_weight > 0:
+        if not args.distill_from:
+            raise SystemExit("--distill-weight needs --distill-from (the teacher's artifacts)")
+        teacher = teacher_probabilities(args.distill_from, unlabelled, vocab, state.dir / "teacher.npz")
+    report = fine_tune(model, train, cfg, training_seed(args), state, timebox,
+                       lambda m: evaluate_split(m, val_ids, val_labels), log, unlabelled, freqs, teacher)
     model.eval()
     probs = predict_ids(model, val_ids, model_device(model))
     keys = [encoded.keys[i] for i in split.validation]
@@ -454,6 +466,31 @@ def stage_fine_tune(args: argparse.Namespace, encoded: EncodedCorpus, split: Spl
         {"split": split.summary(), "labels": dict(zip(keys, val_labels)),
          "probabilities": {k: round(p, 6) for k, p in zip(keys, probs)}}) + "\n", encoding="utf-8")
     return report, compute_metrics(probs, val_labels)
+
+
+def teacher_probabilities(teachers: Sequence[str], unlabelled: list[np.ndarray], vocab: Vocabulary,
+                          cache: Path) -> list[float]:
+    """The teachers' mean P(positive) on every unlabelled review, computed once and kept in ``cache``
+    (with the teachers' model checksums, so that another teacher is never mistaken for this one)."""
+    checksums = [file_sha256(Path(t) / "model.pt") for t in teachers]
+    if cache.is_file():
+        with np.load(cache) as z:
+            if z["checksums"].tolist() == checksums and len(z["probabilities"]) == len(unlabelled):
+                return z["probabilities"].tolist()
+        raise SystemExit(f"{cache} holds another teacher's probabilities: remove it or start another run")
+    ids = [x.tolist() for x in unlabelled]
+    total = np.zeros(len(ids))
+    for path in teachers:
+        art = load_artifacts(path, "cpu")
+        if art.vocab.itos != vocab.itos:
+            raise SystemExit(f"--distill-from {path}: its vocabulary differs from this run's")
+        t0 = time.time()
+        total += np.asarray(predict_ids(art.model, ids, art.device))
+        log(f"teacher {path}: {len(ids):,} unlabelled reviews scored in {time.time() - t0:.0f}s")
+    probs = (total / len(teachers)).astype(np.float32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache, probabilities=probs, checksums=np.asarray(checksums))
+    return probs.tolist()
 
 
 def run_cost(sessions: list[dict]) -> dict:
