@@ -44,6 +44,17 @@ def moments(weight: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, to
     return mean, torch.sqrt(var + 1e-6)
 
 
+def normalised(weight: torch.Tensor, freqs: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """``(weight − μ) / σ`` row by row (μ, σ: :func:`moments`), the padding row zero (V, E); differentiable."""
+    mean, std = moments(weight, freqs)
+    table = (weight - mean) / std
+    if padding_idx is not None:
+        keep = torch.ones(table.size(0), 1, device=table.device, dtype=table.dtype)
+        keep[padding_idx] = 0
+        table = table * keep
+    return table
+
+
 class NormalisedEmbedding(nn.Module):
     """An embedding whose lookup returns frequency-normalised vectors; ``<pad>`` stays zero.
 
@@ -60,13 +71,7 @@ class NormalisedEmbedding(nn.Module):
 
     def table(self) -> torch.Tensor:
         """The normalised matrix (V, E)."""
-        mean, std = moments(self.weight, self.freqs)
-        table = (self.weight - mean) / std
-        if self.padding_idx is not None:
-            keep = torch.ones(table.size(0), 1, device=table.device, dtype=table.dtype)
-            keep[self.padding_idx] = 0
-            table = table * keep
-        return table
+        return normalised(self.weight, self.freqs, self.padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) → (B, T, E)
         return F.embedding(ids, self.table())
@@ -91,10 +96,7 @@ def fold_normalisation(model: SentimentLSTM, freqs: torch.Tensor) -> None:
 def bake(weights: dict[str, torch.Tensor], freqs: torch.Tensor, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """A state dict with the raw embedding replaced by its normalised matrix: the plain model's weights."""
     raw = weights["embedding.weight"]
-    mean, std = moments(raw.float(), freqs.to(raw.device))
-    table = (raw.float() - mean) / std
-    table[pad_id] = 0
-    return {**weights, "embedding.weight": table.to(raw.dtype)}
+    return {**weights, "embedding.weight": normalised(raw.float(), freqs.to(raw.device), pad_id).to(raw.dtype)}
 
 
 def plain_embedding(model: SentimentLSTM) -> None:

@@ -38,6 +38,7 @@ from training.adversarial import (
     last_logit,
     plain_embedding,
     step_logits_from_embeddings,
+    unit,
     virtual_adversarial_loss,
 )
 from training.loop import (
@@ -105,9 +106,7 @@ def adversarial_perturbation(loss: torch.Tensor, emb: torch.Tensor, eps: float, 
     The graph is kept, so the clean loss can still be back-propagated afterwards.
     """
     (g,) = torch.autograd.grad(loss, emb, retain_graph=True)
-    g = g.detach().float()
-    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
-    return (eps * scale) * g / norm.view(-1, 1, 1)  # (B, T, E)
+    return (eps * scale) * unit(g.detach())  # (B, T, E)
 
 
 def training_loss(model: SentimentLSTM, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
