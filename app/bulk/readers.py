@@ -78,36 +78,35 @@ class Source:
                 "imdb": self._imdb}[self.format](skip)
 
     # ---- one reader per format ----------------------------------------------------------------
-    def _jsonl(self, skip: int) -> Iterator[InputRow]:
+    def _lines(self, skip: int) -> Iterator[tuple[int, str | None]]:
+        """(line number, its text) after the first ``skip`` lines; None for a line that is not UTF-8
+        (a byte-order mark on the first line is dropped)."""
         with self.path.open("rb") as f:
             for number, raw in enumerate(f, 1):
                 if number <= skip:
                     continue
                 try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError:
-                    yield InputRow(number, None, INVALID_UTF8)
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict):  # a blank line, bad JSON, a bare string or list
-                    yield InputRow(number, None, INVALID_ROW)
-                    continue
-                yield InputRow(record.get(self.id_field, number), record.get(self.text_field))
+                    yield number, None
+
+    def _jsonl(self, skip: int) -> Iterator[InputRow]:
+        for number, line in self._lines(skip):
+            if line is None:
+                yield InputRow(number, None, INVALID_UTF8)
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):  # a blank line, bad JSON, a bare string or list
+                yield InputRow(number, None, INVALID_ROW)
+                continue
+            yield InputRow(record.get(self.id_field, number), record.get(self.text_field))
 
     def _txt(self, skip: int) -> Iterator[InputRow]:
-        with self.path.open("rb") as f:
-            for number, raw in enumerate(f, 1):
-                if number <= skip:
-                    continue
-                try:
-                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    yield InputRow(number, None, INVALID_UTF8)
-                    continue
-                yield InputRow(number, text.rstrip("\r\n"))
+        for number, text in self._lines(skip):
+            yield InputRow(number, None, INVALID_UTF8) if text is None else InputRow(number, text.rstrip("\r\n"))
 
     def _csv(self, skip: int) -> Iterator[InputRow]:
         with _csv_text(self.path) as text:
